@@ -2,7 +2,6 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/score_ray/torch_extensions
 
 .PHONY: setup demo smoke test test-fast lock clean
 

@@ -45,9 +45,9 @@ if [ ! -f "$STAMP_DIR/deps-$REQ_HASH" ]; then
 fi
 
 # 3. Prebuild DeepSpeed's CPU comm extension into a cache later runs reuse (about a minute once).
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/score_ray/torch_extensions}
+# (the cache is $SCORE_RAY_CACHE/torch_extensions, default ~/.cache/score_ray; score_ray.assets decides)
 if [ ! -f "$STAMP_DIR/ds-ext-$REQ_HASH" ]; then
-  log "prebuilding DeepSpeed CPU extensions into $TORCH_EXTENSIONS_DIR"
+  log "prebuilding DeepSpeed's CPU comm extension (about a minute, once)"
   "$VENV/bin/python" -m score_ray.assets prebuild-deepspeed
   touch "$STAMP_DIR/ds-ext-$REQ_HASH"
 fi
