@@ -219,11 +219,13 @@ class SandboxConfig(_Strict):
     max_file_mb: int = Field(16, ge=1)
     max_open_files: int = Field(64, ge=8)
     max_output_kb: int = Field(64, ge=1)
+    python: str = Field("auto", description="interpreter for sandboxed programs; auto = the system python3")
 
 
 class RewardConfig(_Strict):
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0.0)
+    threads_per_worker: int = Field(2, ge=1, description="records graded at once inside one actor")
     math_timeout_s: float = Field(5.0, gt=0.0)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
