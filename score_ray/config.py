@@ -225,7 +225,7 @@ class SandboxConfig(_Strict):
 class RewardConfig(_Strict):
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0.0)
-    threads_per_worker: int = Field(2, ge=1, description="records graded at once inside one actor")
+    threads_per_worker: int = Field(4, ge=1, description="records graded at once inside one actor (sandbox start-up is latency-bound)")
     math_timeout_s: float = Field(5.0, gt=0.0)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 

@@ -54,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--input", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--workers", type=int, default=2, help="reward actors")
-    parser.add_argument("--threads", type=int, default=2, help="records graded at once per actor")
+    parser.add_argument("--threads", type=int, default=4, help="records graded at once per actor")
     parser.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
     parser.add_argument("--math-timeout", type=float, default=5.0, help="seconds per symbolic math check")
     args = parser.parse_args(argv)

