@@ -197,6 +197,8 @@ class ModelConfig(_Strict):
 
 class RolloutConfig(_Strict):
     num_generators: int = Field(1, ge=1)
+    cpus_per_generator: float = Field(1.0, gt=0.0)
+    gpus_per_generator: float = Field(0.0, ge=0.0, description="GPU clusters: tensor_parallel_size GPUs per engine")
     tensor_parallel_size: int = Field(1, ge=1)
     prompts_per_iteration: int = Field(8, ge=1)
     samples_per_prompt: int = Field(4, ge=1)

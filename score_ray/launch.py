@@ -32,10 +32,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def new_run_dir(config: Config) -> Path:
+def run_dir_for(config: Config) -> Path:
+    """A new run folder, or with run.resume=true the newest folder of this run name that has a checkpoint."""
+    root = Path(config.run.output_dir)
+    if config.run.resume:
+        from score_ray.trainer import checkpoint_folders
+
+        candidates = sorted(
+            (p for p in root.glob(f"{config.run.name}-*") if p.is_dir() and checkpoint_folders(p)),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if candidates:
+            return candidates[-1]
+        print(f"score_ray: run.resume=true but no checkpoint of run {config.run.name!r} in {root}; starting fresh")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.run.output_dir) / f"{config.run.name}-{stamp}"
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir = root / f"{config.run.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        run_dir = root / f"{config.run.name}-{stamp}-{suffix}"
+        suffix += 1
+    run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     return run_dir
 
@@ -83,18 +99,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.check:
         print("config and preflight OK")
         return 0
-    run_dir = new_run_dir(config)
-    print(f"run folder: {run_dir}")
+    run_dir = run_dir_for(config)
+    print(f"run folder: {run_dir}", flush=True)
+    from score_ray import trainer
+
     try:
-        from score_ray import trainer  # noqa: F401  (the Ray training loop)
-    except ImportError:
-        print(
-            "score_ray: the distributed training loop (score_ray.trainer) is not part of this build yet; "
-            "the config, data, prompts and model were checked and the resolved config written to the run folder.",
-            file=sys.stderr,
-        )
-        return 0
-    return trainer.run(config, run_dir)
+        return trainer.run(config, run_dir)
+    except RuntimeError as err:  # placement / resource problems: a message, not a traceback
+        print(f"score_ray: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

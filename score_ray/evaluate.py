@@ -1,0 +1,81 @@
+"""Held-out two-turn evaluation (greedy) and the paper's five metrics.
+
+Acc@t1, Acc@t2, Delta = Acc@t2 - Acc@t1, Delta_i->c (fraction of ALL problems wrong
+at turn 1 and right at turn 2), Delta_c->i (right at turn 1, wrong at turn 2). Each
+comes with a standard error from the eval size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+EVAL_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i")
+LABELS = {"acc_t1": "Acc@t1", "acc_t2": "Acc@t2", "delta": "Delta(t1,t2)", "delta_i2c": "Delta_i->c", "delta_c2i": "Delta_c->i"}
+
+
+def self_correction_metrics(r1: Sequence[float], r2: Sequence[float]) -> dict[str, float]:
+    """The five metrics (fractions) and their standard errors (``<key>_se``)."""
+    n = len(r1)
+    if n == 0 or n != len(r2):
+        raise ValueError("need the same, non-zero number of turn-1 and turn-2 rewards")
+    right1 = [x >= 0.5 for x in r1]
+    right2 = [x >= 0.5 for x in r2]
+    per_problem = {
+        "acc_t1": [float(a) for a in right1],
+        "acc_t2": [float(b) for b in right2],
+        "delta": [float(b) - float(a) for a, b in zip(right1, right2)],
+        "delta_i2c": [float(not a and b) for a, b in zip(right1, right2)],
+        "delta_c2i": [float(a and not b) for a, b in zip(right1, right2)],
+    }
+    metrics: dict[str, float] = {"n": float(n)}
+    for key, values in per_problem.items():
+        mean = sum(values) / n
+        variance = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+        metrics[key] = mean
+        metrics[f"{key}_se"] = math.sqrt(variance / n)  # paired: Delta's SE accounts for the correlation
+    return metrics
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A paper-style table: one row per model, percentages with +- standard errors."""
+    header = f"{'model':<14}" + "".join(f"{LABELS[k]:>18}" for k in EVAL_KEYS)
+    lines = [header, "-" * len(header)]
+    for name, metrics in rows.items():
+        cells = "".join(f"{100 * metrics[k]:>10.1f} +-{100 * metrics[k + '_se']:4.1f}" for k in EVAL_KEYS)
+        lines.append(f"{name:<14}{cells}")
+    n = next(iter(rows.values()))["n"] if rows else 0
+    lines.append(f"(percent of {int(n)} held-out problems, greedy; +- one standard error)")
+    return "\n".join(lines)
+
+
+def grade_episodes(pool, episodes: list[dict[str, Any]]) -> tuple[list[float], list[float], list[dict]]:
+    """Rewards of both turns of every episode through the reward pool."""
+    records = []
+    for episode in episodes:
+        problem = episode["problem"]
+        for turn in ("y1_text", "y2_text"):
+            record = {"kind": problem["kind"], "response": episode[turn]}
+            if problem["kind"] == "math":
+                record["answer"] = problem["answer"]
+            else:
+                record["tests"] = problem["tests"]
+                record["entry_point"] = problem.get("entry_point")
+            records.append(record)
+    results = pool.grade(records)
+    r1 = [results[2 * i]["reward"] for i in range(len(episodes))]
+    r2 = [results[2 * i + 1]["reward"] for i in range(len(episodes))]
+    return r1, r2, results
+
+
+def two_turn_eval(generators: list, pool, problems: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict]]:
+    """Greedy two-turn episodes on the held-out problems, graded; returns metrics and the episodes."""
+    import ray
+
+    shares = [problems[i :: len(generators)] for i in range(len(generators))]
+    parts = ray.get([g.generate.remote(share, 1, True) for g, share in zip(generators, shares) if share])
+    episodes = [episode for part in parts for episode in part]
+    r1, r2, results = grade_episodes(pool, episodes)
+    for episode, a, b in zip(episodes, r1, r2):
+        episode["r1"], episode["r2"] = a, b
+    return self_correction_metrics(r1, r2), episodes

@@ -1,0 +1,338 @@
+"""LearnerGroup: N Ray actors forming one DeepSpeed ZeRO group, and the frozen ReferenceActor.
+
+Each rank sets the torch.distributed environment itself and joins the group with
+``deepspeed.init_distributed`` (gloo on CPU, NCCL on GPU). A training step takes
+token-level samples (ids, which tokens are trained, advantages and KL coefficients
+per token, sampler and reference log-probs), splits them into micro-batches bounded
+by tokens, and makes one optimiser step. Every rank runs the same number of
+micro-batches (ZeRO-3 needs every rank in every forward), padding with empty ones.
+
+Weights leave the group as safetensors bytes of the trainable parameters: under
+ZeRO-3 each parameter is gathered on every rank (all must take part) and rank 0
+keeps the full tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Optional
+
+import ray
+
+from score_ray import algo
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _set_threads(cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def trainable_names(model, mode: str, top_layers: int) -> set[str]:
+    """Names of the parameters a learner trains: all, or the last ``top_layers`` blocks + final norm."""
+    names = [name for name, _ in model.named_parameters()]
+    if mode == "all":
+        return set(names)
+    layers = model.config.num_hidden_layers
+    keep = {f".layers.{index}." for index in range(max(0, layers - top_layers), layers)}
+    return {name for name in names if any(tag in name for tag in keep) or name.endswith("model.norm.weight")}
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int):
+    """Right-padded tensors: ids, attention mask and per-token training fields aligned to logp[t-1]."""
+    import torch
+
+    from score_ray.modeling import pad_batch
+
+    ids, attention = pad_batch([s["input_ids"] for s in samples], pad_id)
+    width = ids.shape[1] - 1
+    fields = {}
+    for name in ("loss_mask", "advantage", "kl_coef", "old_logp", "ref_logp"):
+        tensor = torch.zeros((len(samples), width), dtype=torch.float32)
+        for row, sample in enumerate(samples):
+            values = sample[name]
+            tensor[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+        fields[name] = tensor
+    return ids, attention, fields
+
+
+@ray.remote
+class LearnerWorker:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        model_path: str,
+        learner: dict[str, Any],
+        algo_config: dict[str, Any],
+        seed: int,
+        dtype: str = "float32",
+    ):
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
+        )
+        from score_ray.assets import torch_extensions_dir
+
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+        import deepspeed
+        import torch
+
+        from score_ray.modeling import load_causal_lm
+
+        self.rank, self.world_size = rank, world_size
+        self.learner, self.algo = learner, algo_config
+        self.on_gpu = bool(ray.get_gpu_ids())
+        _set_threads(learner["cpus_per_rank"])
+        torch.manual_seed(seed)
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        model = load_causal_lm(model_path, dtype="float32" if not self.on_gpu else dtype)
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        keep = trainable_names(model, learner["trainable"], learner["trainable_top_layers"])
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in keep)
+        self.trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+        if learner["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": learner["grad_clip"],
+            "zero_optimization": {"stage": learner["zero_stage"]},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.on_gpu and dtype == "bfloat16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=learner["lr"], weight_decay=learner["weight_decay"]
+        )
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.steps = 0
+
+    def ready(self) -> int:
+        return self.rank
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, micro_batches: list[list[dict[str, Any]]], total_tokens: int) -> dict[str, float]:
+        """One optimiser step over this rank's micro-batches (all ranks get the same count).
+
+        Each micro-batch's loss is (sum over its trained tokens) / (trained tokens on ALL ranks),
+        multiplied by world size and micro-batch count to undo DeepSpeed's averaging over ranks
+        and gradient accumulation: the step follows the mean token loss of the whole batch.
+        """
+        import torch
+
+        from score_ray.modeling import batch_token_logprobs
+
+        start = time.monotonic()
+        count = len(micro_batches)
+        self.engine.set_train_batch_size(count * self.world_size)  # gradient accumulation = count
+        self.engine.train()
+        sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
+        scale = self.world_size * count / max(1, total_tokens)
+        for batch in micro_batches:
+            if batch:
+                ids, attention, fields = collate(batch, self.pad_id)
+            else:  # an empty micro-batch still joins the forward (ZeRO-3 gathers parameters in it)
+                ids = torch.full((1, 2), self.pad_id, dtype=torch.long)
+                attention = torch.ones_like(ids)
+                fields = {k: torch.zeros((1, 1)) for k in ("loss_mask", "advantage", "kl_coef", "old_logp", "ref_logp")}
+            device = self.engine.device
+            logp, entropy = batch_token_logprobs(self.engine, ids.to(device), attention.to(device), with_entropy=True)
+            fields = {k: v.to(device) for k, v in fields.items()}
+            loss_sum, stats = algo.token_loss(
+                logp,
+                fields["old_logp"],
+                fields["ref_logp"],
+                fields["advantage"],
+                fields["kl_coef"],
+                fields["loss_mask"],
+                estimator=self.algo["estimator"],
+                kl_estimator=self.algo["kl_estimator"],
+                kl_in_loss=self.algo["kl_in"] == "loss",
+                clip_eps=self.algo["clip_eps"],
+            )
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            sums["loss"] += float(loss_sum.detach())
+            for key in ("pg", "kl", "clipped"):
+                sums[key] += stats[key]
+            sums["entropy"] += float((entropy.detach() * fields["loss_mask"]).sum())
+            sums["tokens"] += float(fields["loss_mask"].sum())
+        self.steps += 1
+        sums["seconds"] = time.monotonic() - start
+        sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        return sums
+
+    # ------------------------------------------------------------------ log-probs and weights
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        from score_ray.modeling import sequence_logprobs
+
+        self.engine.eval()
+        return sequence_logprobs(self.engine, sequences, self.pad_id)
+
+    def _full_parameters(self, names: Optional[set[str]] = None):
+        """Yield (name, full tensor) in model order; under ZeRO-3 every rank must iterate together."""
+        import deepspeed
+
+        for name, param in self.engine.module.named_parameters():
+            if names is not None and name not in names:
+                continue
+            if hasattr(param, "ds_id"):  # ZeRO-3 partitioned
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    yield name, param.detach().clone().contiguous()
+            else:
+                yield name, param.detach().contiguous()
+
+    def weights_payload(self, dtype: str = "float32") -> Optional[bytes]:
+        """safetensors bytes of the trainable weights on rank 0 (None elsewhere)."""
+        import torch
+        from safetensors.torch import save
+
+        tensors = {}
+        for name, tensor in self._full_parameters(set(self.trainable)):
+            if self.rank == 0:
+                tensors[name] = tensor.to(getattr(torch, dtype)).cpu().contiguous()
+        return save(tensors) if self.rank == 0 else None
+
+    def save_hf(self, path: str) -> Optional[str]:
+        """Write the full model as a Hugging Face folder (rank 0 writes; all ranks take part)."""
+        state = {}
+        for name, tensor in self._full_parameters():
+            if self.rank == 0:
+                state[name] = tensor.cpu()
+        if self.rank != 0:
+            return None
+        module = self.engine.module
+        module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        return path
+
+    def save_checkpoint(self, folder: str, tag: str) -> None:
+        self.engine.save_checkpoint(folder, tag=tag)
+
+    def load_checkpoint(self, folder: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(folder, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {folder}")
+
+
+@ray.remote
+class ReferenceActor:
+    """The frozen base model: per-token log-probs of both turns."""
+
+    def __init__(self, model_path: str, cpus: float = 1.0, dtype: str = "float32"):
+        from score_ray.modeling import load_causal_lm
+
+        _set_threads(cpus)
+        on_gpu = bool(ray.get_gpu_ids())
+        self.model = load_causal_lm(model_path, dtype=dtype if on_gpu else "float32", device="cuda" if on_gpu else "cpu")
+        self.model.eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+
+    def ready(self) -> bool:
+        return True
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        from score_ray.modeling import sequence_logprobs
+
+        return sequence_logprobs(self.model, sequences, self.pad_id)
+
+
+def split_micro_batches(samples: list[dict[str, Any]], ranks: int, max_tokens: int) -> list[list[list[dict[str, Any]]]]:
+    """Deal samples to ranks (balanced by tokens), then cut each rank's share into token-bounded
+    micro-batches, padding every rank to the same micro-batch count."""
+    from score_ray.modeling import token_budget_batches
+
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
+    shares: list[list[dict[str, Any]]] = [[] for _ in range(ranks)]
+    loads = [0] * ranks
+    for index in order:  # longest first to the least-loaded rank
+        target = loads.index(min(loads))
+        shares[target].append(samples[index])
+        loads[target] += len(samples[index]["input_ids"])
+    per_rank = []
+    for share in shares:
+        lengths = [len(s["input_ids"]) for s in share]
+        per_rank.append([[share[i] for i in batch] for batch in token_budget_batches(lengths, max_tokens)])
+    count = max(1, max(len(batches) for batches in per_rank))
+    return [batches + [[]] * (count - len(batches)) for batches in per_rank]
+
+
+class LearnerGroup:
+    """Places N learner ranks (a placement group with a timeout) and drives them together."""
+
+    def __init__(self, model_path: str, learner, algo_config, seed: int, dtype: str, timeout_s: float):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": learner.cpus_per_rank}
+        if learner.gpus_per_rank:
+            bundle["GPU"] = learner.gpus_per_rank
+        self.group = placement_group([dict(bundle) for _ in range(learner.num_ranks)], strategy="PACK")
+        ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(self.group)
+            raise RuntimeError(
+                f"the cluster could not place {learner.num_ranks} learner ranks of {bundle} within {timeout_s:.0f}s "
+                f"(available: {ray.available_resources()}); lower learner.num_ranks / cpus_per_rank / gpus_per_rank"
+            )
+        port = free_port()
+        address = ray.util.get_node_ip_address()
+        self.workers = [
+            LearnerWorker.options(
+                num_cpus=learner.cpus_per_rank,
+                num_gpus=learner.gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
+            ).remote(rank, learner.num_ranks, address, port, model_path, learner.model_dump(), algo_config.model_dump(), seed, dtype)
+            for rank in range(learner.num_ranks)
+        ]
+        ray.get([worker.ready.remote() for worker in self.workers])
+        self.max_tokens = learner.micro_batch_tokens
+
+    def train_step(self, samples: list[dict[str, Any]]) -> dict[str, float]:
+        shares = split_micro_batches(samples, len(self.workers), self.max_tokens)
+        total = int(sum(sum(s["loss_mask"]) for s in samples))
+        results = ray.get([w.train_step.remote(share, total) for w, share in zip(self.workers, shares)])
+        merged = {key: sum(r[key] for r in results) for key in ("loss", "pg", "kl", "clipped", "entropy", "tokens")}
+        merged["seconds"] = max(r["seconds"] for r in results)
+        merged["grad_norm"] = results[0]["grad_norm"]
+        merged["micro_batches"] = len(shares[0])
+        return merged
+
+    def weights_payload(self, dtype: str = "float32") -> bytes:
+        payloads = ray.get([w.weights_payload.remote(dtype) for w in self.workers])
+        return payloads[0]
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        # Every rank must join a ZeRO-3 forward; rank 0's answer is kept.
+        return ray.get([w.sequence_logprobs.remote(sequences) for w in self.workers])[0]
+
+    def save_hf(self, path: str) -> None:
+        ray.get([w.save_hf.remote(path) for w in self.workers])
+
+    def save_checkpoint(self, folder: str, tag: str) -> None:
+        ray.get([w.save_checkpoint.remote(folder, tag) for w in self.workers])
+
+    def load_checkpoint(self, folder: str, tag: str) -> None:
+        ray.get([w.load_checkpoint.remote(folder, tag) for w in self.workers])
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        ray.util.remove_placement_group(self.group)

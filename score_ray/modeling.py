@@ -1,0 +1,69 @@
+"""Token log-probs of causal LMs, shared by the learner and the reference.
+
+Sequences are lists of token ids; ``logp[t]`` is log p(token t | tokens < t), so a
+sequence of n tokens has n - 1 log-probs (position 0 has none). Log-probs are taken
+at temperature 1 with no truncation, the same distribution vLLM samples from at
+temperature 1 (and reports with ``logprobs_mode="processed_logprobs"``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model.to(device)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and attention mask."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def batch_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False):
+    """[B, T-1] log-probs of each next token (and the full-distribution entropy when asked)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    taken = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return taken, None
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return taken, entropy
+
+
+def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> Iterator[list[int]]:
+    """Group sequence indices (longest first) so each batch's padded size stays within max_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for index in order:
+        width = max([lengths[i] for i in batch] + [lengths[index]])
+        if batch and width * (len(batch) + 1) > max_tokens:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def sequence_logprobs(model, sequences: Sequence[Sequence[int]], pad_id: int, max_tokens: int = 8192) -> list[list[float]]:
+    """Per-sequence lists of next-token log-probs (len n - 1), computed in token-bounded batches."""
+    device = next(model.parameters()).device
+    result: list[list[float]] = [[] for _ in sequences]
+    for batch in token_budget_batches([len(s) for s in sequences], max_tokens):
+        ids, mask = pad_batch([sequences[i] for i in batch], pad_id, device)
+        logp, _ = batch_token_logprobs(model, ids, mask)
+        for row, index in enumerate(batch):
+            result[index] = logp[row, : len(sequences[index]) - 1].tolist()
+    return result

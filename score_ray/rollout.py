@@ -1,0 +1,187 @@
+"""GeneratorActor: one vLLM engine producing two-turn episodes, on-policy.
+
+Turn 1 samples y1 from x1; turn 2 samples y2 from x2 = x1 + y1 (the sampled ids,
+untouched) + the chat template's close of the turn + the self-correction
+instruction. Both prompts reach vLLM as token ids. Each episode keeps the ids, the
+sampler's log-probs of the sampled tokens (after temperature: ``processed_logprobs``,
+the distribution the learner scores) and why each turn stopped.
+
+Weights arrive from the learner as safetensors bytes through Ray's object store and
+are loaded in place by a vLLM worker extension (``collective_rpc``); the prefix
+cache is reset after every update, or cached prefixes would serve stale activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import ray
+
+
+class WeightReceiver:
+    """vLLM worker extension: mixed into the worker class, so ``self`` is the vLLM worker."""
+
+    def score_ray_load_weights(self, payload: bytes) -> int:
+        from safetensors.torch import load
+
+        # Layers we do not send (frozen ones) are put back as they were; vLLM warns per layer, needlessly.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+        tensors = load(payload)
+        self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        model = self.model_runner.get_model()
+        lm_head = getattr(model, "lm_head", None)
+        config = getattr(self.model_runner.model_config, "hf_config", None)
+        if lm_head is not None and getattr(config, "tie_word_embeddings", False) and hasattr(lm_head, "quant_method"):
+            # On CPU the LM head keeps a repacked copy of the (tied) embedding: repack it from the new weights.
+            lm_head.quant_method.process_weights_after_loading(lm_head)
+        return len(tensors)
+
+
+def _logprobs_of(sample) -> list[float]:
+    """The sampled tokens' log-probs from a vLLM CompletionOutput."""
+    values = []
+    for token, entry in zip(sample.token_ids, sample.logprobs or []):
+        values.append(float(entry[token].logprob))
+    return values
+
+
+@ray.remote
+class GeneratorActor:
+    def __init__(
+        self,
+        model_path: str,
+        rollout: dict[str, Any],
+        prompts: dict[str, Any],
+        seed: int = 0,
+        dtype: str = "float32",
+    ):
+        from score_ray.assets import vllm_cpu_environment
+
+        self.on_gpu = bool(ray.get_gpu_ids())
+        if not self.on_gpu:
+            vllm_cpu_environment(int(rollout["kv_cache_gib"]))
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        from score_ray.prompts import PromptSet, TwoTurnPrompter
+
+        self.rollout = rollout
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.prompter = TwoTurnPrompter(self.tokenizer, PromptSet(**prompts))
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=rollout["max_model_len"],
+            enforce_eager=rollout["enforce_eager"],
+            worker_extension_cls="score_ray.rollout.WeightReceiver",
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+        )
+        if self.on_gpu:
+            kwargs.update(
+                tensor_parallel_size=rollout["tensor_parallel_size"],
+                gpu_memory_utilization=rollout["gpu_memory_utilization"],
+            )
+        else:
+            # The CPU build refuses the "ray" executor; the in-process one starts in seconds.
+            kwargs.update(distributed_executor_backend="uni")
+        self.llm = LLM(**kwargs)
+        self.weight_version = 0
+
+    def ready(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------ generation
+    def _params(self, max_tokens: int, greedy: bool, n: int = 1):
+        from vllm import SamplingParams
+
+        if greedy:
+            return SamplingParams(n=n, temperature=0.0, max_tokens=max_tokens, logprobs=0)
+        return SamplingParams(
+            n=n, temperature=self.rollout["temperature"], top_p=self.rollout["top_p"], max_tokens=max_tokens, logprobs=0
+        )
+
+    def generate(self, problems: list[dict[str, Any]], samples: int, greedy: bool = False) -> list[dict[str, Any]]:
+        """Two-turn episodes: ``samples`` per problem (1 when greedy)."""
+        from vllm.inputs import TokensPrompt
+
+        from score_ray.data import Problem
+
+        start = time.monotonic()
+        samples = 1 if greedy else samples
+        records = [Problem(**{**p, "fewshot": tuple(tuple(s) for s in p.get("fewshot", ()))}) for p in problems]
+        turn1_prompts = [self.prompter.turn1_ids(problem) for problem in records]
+        first = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in turn1_prompts],
+            self._params(self.rollout["max_tokens_turn1"], greedy, n=samples),
+            use_tqdm=False,
+        )
+        episodes = []
+        for problem, x1, output in zip(problems, turn1_prompts, first):
+            for index, sample in enumerate(output.outputs):
+                y1 = list(sample.token_ids)
+                episodes.append(
+                    {
+                        "problem": problem,
+                        "sample": index,
+                        "x1": x1,
+                        "y1": y1,
+                        "y1_logp": _logprobs_of(sample),
+                        "y1_truncated": sample.finish_reason == "length",
+                        "x2": self.prompter.turn2_ids(problem["kind"], x1, y1),
+                    }
+                )
+        limit = self.rollout["max_model_len"]
+        second_prompts, second_params = [], []
+        for episode in episodes:
+            room = limit - len(episode["x2"])
+            if room < 1:
+                raise ValueError(
+                    f"turn-2 prompt of {episode['problem']['id']} has {len(episode['x2'])} tokens; "
+                    f"rollout.max_model_len={limit} leaves no room: raise it or lower rollout.max_tokens_turn1"
+                )
+            second_prompts.append(TokensPrompt(prompt_token_ids=episode["x2"]))
+            second_params.append(self._params(min(self.rollout["max_tokens_turn2"], room), greedy))
+        second = self.llm.generate(second_prompts, second_params, use_tqdm=False)
+        for episode, output in zip(episodes, second):
+            sample = output.outputs[0]
+            episode["y2"] = list(sample.token_ids)
+            episode["y2_logp"] = _logprobs_of(sample)
+            episode["y2_truncated"] = sample.finish_reason == "length"
+            episode["y1_text"] = self.tokenizer.decode(episode["y1"], skip_special_tokens=True)
+            episode["y2_text"] = self.tokenizer.decode(episode["y2"], skip_special_tokens=True)
+            episode["weight_version"] = self.weight_version
+        generated = sum(len(e["y1"]) + len(e["y2"]) for e in episodes)
+        seconds = time.monotonic() - start
+        for episode in episodes:
+            episode["gen_seconds"] = seconds
+            episode["gen_tokens"] = generated
+        return episodes
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, payload: bytes, version: int) -> dict[str, float]:
+        start = time.monotonic()
+        counts = self.llm.collective_rpc("score_ray_load_weights", args=(payload,))
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        return {"tensors": float(counts[0]), "seconds": time.monotonic() - start}
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(token t | < t) for t >= 1 of fixed sequences, from the engine's current weights."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        result = []
+        for seq, output in zip(sequences, outputs):
+            entries = output.prompt_logprobs[1:]  # position 0 has no log-prob
+            result.append([float(entry[token].logprob) for token, entry in zip(seq[1:], entries)])
+        return result
+
+    def shutdown(self) -> None:
+        del self.llm

@@ -1,0 +1,125 @@
+"""Metrics: metrics.jsonl in the run folder, W&B (online / offline / disabled), and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+
+class MetricsLogger:
+    """One JSON object per logged iteration in ``metrics.jsonl``; the same values to W&B."""
+
+    def __init__(self, run_dir: Path, config, resume: bool = False):
+        self.path = run_dir / "metrics.jsonl"
+        self.run = None
+        logging_config = config.logging
+        if logging_config.wandb != "disabled":
+            import wandb
+
+            run_id_file = run_dir / "wandb_run_id"
+            run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else uuid.uuid4().hex[:8]
+            run_id_file.write_text(run_id)
+            self.run = wandb.init(
+                project=logging_config.project,
+                entity=logging_config.entity,
+                group=logging_config.group,
+                tags=logging_config.tags,
+                name=f"{config.run.name}-{run_dir.name}",
+                id=run_id,
+                resume="allow",
+                mode=logging_config.wandb,
+                dir=str(run_dir),
+                config=config.model_dump(mode="json"),
+            )
+            # Every chart shares the iteration axis.
+            self.run.define_metric("iteration")
+            for prefix in ("train/*", "eval/*", "perf/*"):
+                self.run.define_metric(prefix, step_metric="iteration")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self.run is not None:
+            self.run.log(metrics)
+
+    def log_samples(self, iteration: int, episodes: list[dict[str, Any]], limit: int = 16) -> None:
+        """A W&B table of sample eval episodes: problem, both attempts, rewards, whether corrected."""
+        if self.run is None:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["iteration", "problem", "y1", "y2", "r1", "r2", "corrected"])
+        for episode in episodes[:limit]:
+            table.add_data(
+                iteration, episode["problem"]["prompt"], episode["y1_text"], episode["y2_text"],
+                episode["r1"], episode["r2"], episode["r1"] < 0.5 <= episode["r2"],
+            )
+        self.run.log({"iteration": iteration, "eval/samples": table})
+
+    def finish(self, summary: Optional[dict[str, Any]] = None) -> None:
+        if self.run is not None:
+            if summary:
+                for key, value in summary.items():
+                    self.run.summary[key] = value
+            self.run.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_plots(run_dir: Path) -> list[Path]:
+    """acc_t1 / acc_t2 over evals and per-turn training rewards over iterations, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    written = []
+    evals = [r for r in rows if "eval/acc_t1" in r]
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = [r["iteration"] for r in evals]
+        for key, label in (("eval/acc_t1", "Acc@t1"), ("eval/acc_t2", "Acc@t2")):
+            y = [100 * r[key] for r in evals]
+            se = [100 * r.get(key + "_se", 0.0) for r in evals]
+            ax.errorbar(x, y, yerr=se, marker="o", capsize=3, label=label)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_title("Two-turn accuracy (greedy)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = Path(run_dir) / "eval_accuracy.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    train = [r for r in rows if "train/reward_t1" in r]
+    if train:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = [r["iteration"] for r in train]
+        ax.plot(x, [r["train/reward_t1"] for r in train], marker=".", label="turn 1 reward")
+        ax.plot(x, [r["train/reward_t2"] for r in train], marker=".", label="turn 2 reward")
+        for r in train:
+            if r.get("train/stage") == 1:
+                ax.axvspan(r["iteration"] - 0.5, r["iteration"] + 0.5, color="grey", alpha=0.1, lw=0)
+        ax.set_xlabel("iteration (shaded: Stage I)")
+        ax.set_ylabel("mean reward (sampled)")
+        ax.set_title("Training rewards per turn")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = Path(run_dir) / "train_rewards.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
