@@ -123,3 +123,38 @@ def write_plots(run_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def read_wandb_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The history rows of an offline W&B run in ``run_dir/wandb``, read with wandb's own record types.
+
+    An offline run's ``.wandb`` file is a log of protobuf records in LevelDB's log format
+    (32 KiB blocks, 7-byte record headers); this lets tests and users check what was logged
+    without a W&B server.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        data = file.read_bytes()
+        position, block, pieces = 7, 32768, b""
+        while position + 7 <= len(data):
+            if block - position % block < 7:  # block trailer padding
+                position += block - position % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+            payload = data[position + 7 : position + 7 + length]
+            position += 7 + length
+            if kind == 0:
+                continue
+            pieces = payload if kind in (1, 2) else pieces + payload
+            if kind not in (1, 4):
+                continue
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item})
+    return rows

@@ -1,0 +1,76 @@
+"""``python -m score_ray.eval MODEL_OR_RUN [--config FILE] [--n N] [key=value ...]``.
+
+Two-turn greedy evaluation of any Hugging Face model folder (or a run folder: its
+``final_model`` and its own config) on the config's held-out set; prints the five
+metrics as a table and, with ``--output``, writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from score_ray.config import ConfigError, load_config
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m score_ray.eval", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="HF model folder, run folder, 'smollm2' or 'tiny-random'")
+    parser.add_argument("--config", default=None, help="config for data, prompts and rollout (default: the run's own)")
+    parser.add_argument("--n", type=int, default=None, help="evaluate on the first N held-out problems")
+    parser.add_argument("--output", type=Path, default=None, help="write the metrics as JSON here")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+
+    target = Path(args.model)
+    config_file = args.config
+    model_path = args.model
+    if (target / "config.yaml").is_file() and (target / "final_model").is_dir():
+        config_file = config_file or str(target / "config.yaml")
+        model_path = str(target / "final_model")
+    try:
+        config = load_config(config_file, args.overrides + [f"model.path={model_path}"])
+    except ConfigError as err:
+        print(f"score_ray.eval: {err}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from score_ray.assets import resolve_model_path
+    from score_ray.data import load_problems
+    from score_ray.evaluate import format_table, two_turn_eval
+    from score_ray.reward.pool import RewardPool
+    from score_ray.rollout import GeneratorActor
+
+    try:
+        path = resolve_model_path(config.model.path, config.model.tiny.model_dump())
+        problems, report = load_problems(config.data.eval)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"score_ray.eval: {err}", file=sys.stderr)
+        return 3
+    problems = problems[: args.n] if args.n else problems
+    print(f"{report.source}: evaluating {len(problems)} problems with {path}", flush=True)
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
+                                       num_gpus=config.rollout.gpus_per_generator).remote(
+        path, config.rollout.model_dump(), config.prompts.model_dump(), config.run.seed, config.model.dtype
+    )
+    pool = RewardPool.from_config(config.reward)
+    try:
+        metrics, _ = two_turn_eval([generator], pool, [p.to_dict() for p in problems])
+    finally:
+        pool.shutdown()
+        ray.kill(generator)
+        ray.shutdown()
+    print(format_table({Path(path).name[:14]: metrics}))
+    if args.output:
+        args.output.write_text(json.dumps({f"eval/{k}": v for k, v in metrics.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
