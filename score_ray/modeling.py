@@ -34,11 +34,14 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device="cpu") -> 
 def batch_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False):
     """[B, T-1] log-probs of each next token (and the full-distribution entropy when asked)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    taken = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    # gather - logsumexp avoids materialising a second [B, T, vocab] tensor when no entropy is needed
+    normaliser = torch.logsumexp(logits, dim=-1)
+    taken = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - normaliser
     if not with_entropy:
         return taken, None
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    with torch.no_grad():  # a statistic, not part of the objective
+        log_probs = logits - normaliser.unsqueeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
     return taken, entropy
 
 

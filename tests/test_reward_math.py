@@ -36,6 +36,7 @@ def test_extraction_order_paper_form_then_last_box():
         ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)"),
         ("\\boxed{2^3}", "8"),
         ("So 3 + 4 = 7, and the answer is 7", "7"),  # plain final number: reference is a plain number
+        ("28 + 1 = 29\n\nThe final answer is correct.", "29"),  # a final-answer phrase without a number
         ("\\boxed{-10}", "-10"),
         ("\\boxed{50\\%}", "50"),
     ],

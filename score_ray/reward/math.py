@@ -214,7 +214,9 @@ class MathJudge:
 def grade_math(response: str, reference: str, judge: Optional[MathJudge] = None) -> GradeResult:
     start = time.monotonic()
     answer = extract_answer(response)
-    if answer is None and is_plain_number(reference):
+    if is_plain_number(reference) and (answer is None or not re.search(r"\d", answer)):
+        # GSM-style data: a numeric reference and no usable final-answer phrase ("The final answer is
+        # correct.") -> the last number in the text is the answer.
         answer = last_number(response)
     if answer is None:
         return GradeResult(0.0, "wrong", time.monotonic() - start, detail="no final answer found")
