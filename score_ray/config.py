@@ -264,6 +264,9 @@ class LearnerConfig(_Strict):
     trainable_top_layers: int = Field(2, ge=1)
     cpus_per_rank: float = Field(1.0, gt=0.0)
     gpus_per_rank: float = Field(0.0, ge=0.0)
+    weight_sync: Literal["auto", "object_store", "nccl"] = Field(
+        "auto", description="auto: vLLM's NCCL weight transfer on GPU, the object store + in-place reload on CPU"
+    )
 
 
 class EvalConfig(_Strict):
@@ -316,6 +319,11 @@ class Config(_Strict):
         if self.algo.estimator == "rloo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 "algo.estimator=rloo needs rollout.samples_per_prompt >= 2 (a leave-one-out baseline needs peers)"
+            )
+        if self.learner.weight_sync == "nccl" and not (self.learner.gpus_per_rank and self.rollout.gpus_per_generator):
+            raise ValueError(
+                "learner.weight_sync=nccl needs GPUs on both sides (learner.gpus_per_rank and rollout.gpus_per_generator); "
+                "on CPU use auto or object_store"
             )
         turns = self.rollout.max_tokens_turn1 + self.rollout.max_tokens_turn2
         if turns >= self.rollout.max_model_len:

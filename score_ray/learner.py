@@ -209,6 +209,23 @@ class LearnerWorker:
                 tensors[name] = tensor.to(getattr(torch, dtype)).cpu().contiguous()
         return save(tensors) if self.rank == 0 else None
 
+    def node_address(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def nccl_connect(self, groups: list, generators: list, dtype: str) -> None:
+        """GPU: join one vLLM NCCL transfer group per engine (rank 0 sends; every rank gathers)."""
+        import torch
+
+        from score_ray.weight_sync_gpu import NcclWeightSync, RayEngineClient, Zero3WeightSource
+
+        source = Zero3WeightSource(self.engine, getattr(torch, dtype), rank=self.rank, names=set(self.trainable))
+        clients = [RayEngineClient(handle) for handle in generators] if self.rank == 0 else None
+        self.nccl = NcclWeightSync(groups, rank=self.rank, clients=clients)
+        self.nccl.connect(source)
+
+    def nccl_send(self) -> None:
+        self.nccl.send()
+
     def save_hf(self, path: str) -> Optional[str]:
         """Write the full model as a Hugging Face folder (rank 0 writes; all ranks take part)."""
         state = {}
@@ -318,6 +335,17 @@ class LearnerGroup:
     def weights_payload(self, dtype: str = "float32") -> bytes:
         payloads = ray.get([w.weights_payload.remote(dtype) for w in self.workers])
         return payloads[0]
+
+    def connect_nccl(self, generators: list, tensor_parallel_size: int, dtype: str) -> None:
+        """GPU: one vLLM NCCL transfer group per engine, each on its own port (score_ray.weight_sync_gpu)."""
+        from score_ray.weight_sync_gpu import transfer_layout
+
+        address = ray.get(self.workers[0].node_address.remote())
+        groups = transfer_layout(len(generators), tensor_parallel_size, address)
+        ray.get([w.nccl_connect.remote(groups, generators, dtype) for w in self.workers])
+
+    def send_nccl(self) -> None:
+        ray.get([w.nccl_send.remote() for w in self.workers])
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         # Every rank must join a ZeRO-3 forward; rank 0's answer is kept.

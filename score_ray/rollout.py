@@ -57,6 +57,7 @@ class GeneratorActor:
         prompts: dict[str, Any],
         seed: int = 0,
         dtype: str = "float32",
+        nccl_weight_sync: bool = False,
     ):
         from score_ray.assets import vllm_cpu_environment
 
@@ -86,6 +87,10 @@ class GeneratorActor:
                 tensor_parallel_size=rollout["tensor_parallel_size"],
                 gpu_memory_utilization=rollout["gpu_memory_utilization"],
             )
+            if nccl_weight_sync:
+                from score_ray.weight_sync_gpu import nccl_weight_transfer_config
+
+                kwargs["weight_transfer_config"] = nccl_weight_transfer_config()
         else:
             # The CPU build refuses the "ray" executor; the in-process one starts in seconds.
             kwargs.update(distributed_executor_backend="uni")
@@ -169,6 +174,18 @@ class GeneratorActor:
         self.llm.reset_prefix_cache()
         self.weight_version = version
         return {"tensors": float(counts[0]), "seconds": time.monotonic() - start}
+
+    # GPU: vLLM's NCCL weight-transfer engine, driven by the learner's rank 0 (score_ray.weight_sync_gpu)
+    def weight_sync_init(self, init_info: dict[str, Any]) -> None:
+        from score_ray.weight_sync_gpu import NcclWeightSync
+
+        NcclWeightSync.engine_init(self.llm, init_info)
+
+    def weight_sync_update(self, update_info: Any) -> None:
+        from score_ray.weight_sync_gpu import NcclWeightSync
+
+        NcclWeightSync.engine_update(self.llm, update_info)  # resets the prefix cache too
+        self.weight_version += 1
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token t | < t) for t >= 1 of fixed sequences, from the engine's current weights."""

@@ -227,9 +227,12 @@ class Run:
 
         self.config, self.run_dir = config, run_dir
         rollout, learner = config.rollout, config.learner
+        on_gpu = rollout.gpus_per_generator > 0 and learner.gpus_per_rank > 0
+        self.nccl = learner.weight_sync == "nccl" or (learner.weight_sync == "auto" and on_gpu)
         self.generators = [
             GeneratorActor.options(num_cpus=rollout.cpus_per_generator, num_gpus=rollout.gpus_per_generator).remote(
-                model_path, rollout.model_dump(), config.prompts.model_dump(), config.run.seed + index, config.model.dtype
+                model_path, rollout.model_dump(), config.prompts.model_dump(), config.run.seed + index, config.model.dtype,
+                self.nccl,
             )
             for index in range(rollout.num_generators)
         ]
@@ -243,6 +246,8 @@ class Run:
         done, pending = ray.wait(ready, num_returns=len(ready), timeout=max(600.0, config.cluster.resource_timeout_s))
         if pending:
             raise RuntimeError("generators or the reference did not start in time; check the cluster's free resources")
+        if self.nccl:
+            self.learner.connect_nccl(self.generators, rollout.tensor_parallel_size, config.model.dtype)
         self.version = 0
 
     def rollout(self, problems: list[dict], samples: int) -> list[dict]:
@@ -256,6 +261,10 @@ class Run:
         import ray
 
         start = time.monotonic()
+        if self.nccl:  # GPU: vLLM's NCCL weight transfer, layer by layer from the learner's rank 0
+            self.learner.send_nccl()
+            self.version += 1
+            return {"perf/sync_seconds": time.monotonic() - start}
         payload = self.learner.weights_payload()
         reference = ray.put(payload)
         self.version += 1

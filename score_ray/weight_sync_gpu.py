@@ -117,8 +117,8 @@ class Zero3WeightSource(WeightSource):
     ``metadata()`` reports full shapes without gathering: ``ds_shape`` for a
     ZeRO-3 partitioned parameter (it carries ``ds_id``; its ``shape`` is empty),
     ``shape`` otherwise. Iteration gathers each parameter in model order with
-    ``GatheredParameters([p], modifier_rank=None)``, so only one full layer
-    tensor lives at a time.
+    ``GatheredParameters([p], modifier_rank=None)``, so each rank holds at most
+    one gathered parameter at a time (the sender's copies belong to the consumer).
 
     The gather is a collective: every learner rank must iterate the source, the
     same number of times and in the same order. Only the sender (rank 0) keeps
