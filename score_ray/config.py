@@ -248,7 +248,6 @@ class AlgoConfig(_Strict):
     ppo_epochs: int = Field(1, ge=1)
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
     normalize_advantages: bool = False
-    offline_turn1_fraction: float = Field(0.0, ge=0.0, le=1.0)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
 
@@ -324,6 +323,12 @@ class Config(_Strict):
             raise ValueError(
                 "learner.weight_sync=nccl needs GPUs on both sides (learner.gpus_per_rank and rollout.gpus_per_generator); "
                 "on CPU use auto or object_store"
+            )
+        gpus, tp = self.rollout.gpus_per_generator, self.rollout.tensor_parallel_size
+        if gpus and gpus != tp:
+            raise ValueError(
+                f"rollout.gpus_per_generator ({gpus:g}) must equal rollout.tensor_parallel_size ({tp}): "
+                "each engine's tensor-parallel workers run on the GPUs of its actor"
             )
         turns = self.rollout.max_tokens_turn1 + self.rollout.max_tokens_turn2
         if turns >= self.rollout.max_model_len:
