@@ -136,7 +136,7 @@ class LearnerWorker:
         """
         import torch
 
-        from score_ray.modeling import batch_token_logprobs
+        from score_ray.modeling import selected_token_logprobs
 
         start = time.monotonic()
         count = len(micro_batches)
@@ -152,8 +152,14 @@ class LearnerWorker:
                 attention = torch.ones_like(ids)
                 fields = {k: torch.zeros((1, 1)) for k in ("loss_mask", "advantage", "kl_coef", "old_logp", "ref_logp")}
             device = self.engine.device
-            logp, entropy = batch_token_logprobs(self.engine, ids.to(device), attention.to(device), with_entropy=True)
-            fields = {k: v.to(device) for k, v in fields.items()}
+            select = fields["loss_mask"] > 0
+            if not bool(select.any()):
+                select[0, 0] = True  # keep the forward (ZeRO-3 gathers happen in it); its loss weight is 0
+            # Only trained tokens go through the LM head; the fields are flattened the same way.
+            logp, entropy = selected_token_logprobs(
+                self.engine.module, ids.to(device), attention.to(device), select.to(device), with_entropy=True
+            )
+            fields = {k: v[select].to(device) for k, v in fields.items()}
             loss_sum, stats = algo.token_loss(
                 logp,
                 fields["old_logp"],
@@ -171,7 +177,7 @@ class LearnerWorker:
             sums["loss"] += float(loss_sum.detach())
             for key in ("pg", "kl", "clipped"):
                 sums[key] += stats[key]
-            sums["entropy"] += float((entropy.detach() * fields["loss_mask"]).sum())
+            sums["entropy"] += float((entropy * fields["loss_mask"]).sum())
             sums["tokens"] += float(fields["loss_mask"].sum())
         self.steps += 1
         sums["seconds"] = time.monotonic() - start
@@ -265,10 +271,11 @@ class ReferenceActor:
     def ready(self) -> bool:
         return True
 
-    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+    def sequence_logprobs(self, sequences: list[list[int]], select: Optional[list[list[float]]] = None) -> list[list[float]]:
+        """Log-probs of every position, or only of the ``select``-ed ones (the rest 0)."""
         from score_ray.modeling import sequence_logprobs
 
-        return sequence_logprobs(self.model, sequences, self.pad_id)
+        return sequence_logprobs(self.model, sequences, self.pad_id, select=select)
 
 
 def split_micro_batches(samples: list[dict[str, Any]], ranks: int, max_tokens: int) -> list[list[list[dict[str, Any]]]]:

@@ -8,7 +8,7 @@ temperature 1 (and reports with ``logprobs_mode="processed_logprobs"``).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -45,6 +45,27 @@ def batch_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     return taken, entropy
 
 
+def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
+                            with_entropy: bool = False):
+    """Log-probs (and entropies) only at positions where ``select`` [B, T-1] is set, flattened in row order.
+
+    The LM head over a 49k-token vocabulary costs more than the transformer body for small models;
+    prompts need no log-probs, so the head runs on the trained positions only.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    chosen = select.bool()
+    logits = model.get_output_embeddings()(hidden[:, :-1][chosen]).float()
+    targets = input_ids[:, 1:][chosen]
+    normaliser = torch.logsumexp(logits, dim=-1)
+    taken = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+    if not with_entropy:
+        return taken, None
+    with torch.no_grad():
+        log_probs = logits - normaliser.unsqueeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return taken, entropy
+
+
 def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> Iterator[list[int]]:
     """Group sequence indices (longest first) so each batch's padded size stays within max_tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -60,13 +81,36 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> Iterator[li
 
 
 @torch.no_grad()
-def sequence_logprobs(model, sequences: Sequence[Sequence[int]], pad_id: int, max_tokens: int = 8192) -> list[list[float]]:
-    """Per-sequence lists of next-token log-probs (len n - 1), computed in token-bounded batches."""
+def sequence_logprobs(
+    model,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    max_tokens: int = 8192,
+    select: Optional[Sequence[Sequence[float]]] = None,
+) -> list[list[float]]:
+    """Per-sequence lists of next-token log-probs (len n - 1), computed in token-bounded batches.
+
+    With ``select`` (per sequence, n - 1 flags) only flagged positions are computed; the others are 0.
+    """
     device = next(model.parameters()).device
     result: list[list[float]] = [[] for _ in sequences]
     for batch in token_budget_batches([len(s) for s in sequences], max_tokens):
         ids, mask = pad_batch([sequences[i] for i in batch], pad_id, device)
-        logp, _ = batch_token_logprobs(model, ids, mask)
+        if select is None:
+            logp, _ = batch_token_logprobs(model, ids, mask)
+            for row, index in enumerate(batch):
+                result[index] = logp[row, : len(sequences[index]) - 1].tolist()
+            continue
+        flags = torch.zeros((len(batch), ids.shape[1] - 1), dtype=torch.bool)
         for row, index in enumerate(batch):
-            result[index] = logp[row, : len(sequences[index]) - 1].tolist()
+            flags[row, : len(select[index])] = torch.tensor([bool(v) for v in select[index]])
+        chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device))
+        chosen = chosen.tolist()
+        cursor = 0
+        for row, index in enumerate(batch):
+            values = [0.0] * (len(sequences[index]) - 1)
+            for position in flags[row].nonzero().flatten().tolist():
+                values[position] = chosen[cursor]
+                cursor += 1
+            result[index] = values
     return result

@@ -79,6 +79,15 @@ def kl_k3_mean(logp: list[float], ref: list[float]) -> float:
     return total / len(logp)
 
 
+def trained_positions(episode: dict) -> list[float]:
+    """1.0 at the log-prob positions of the sampled y1 and y2 tokens of an episode, else 0.0."""
+    flags = [0.0] * (len(episode["x2"]) + len(episode["y2"]) - 1)
+    for start, tokens in ((len(episode["x1"]), episode["y1"]), (len(episode["x2"]), episode["y2"])):
+        for offset in range(len(tokens)):
+            flags[start + offset - 1] = 1.0
+    return flags
+
+
 def build_samples(episodes: list[dict], ref_logps: list[list[float]], scored: dict[str, list[float]]) -> list[dict]:
     """Token-level learner samples: the full sequence x2 + y2, with turn-1 (y1) and turn-2 (y2) tokens trained.
 
@@ -358,7 +367,8 @@ def run(config: Config, run_dir: Path) -> int:
             t = time.monotonic()
             import ray
 
-            ref_logps = ray.get(actors.reference.sequence_logprobs.remote([e["x2"] + e["y2"] for e in episodes]))
+            trained = [trained_positions(e) for e in episodes]  # the KL needs reference log-probs there only
+            ref_logps = ray.get(actors.reference.sequence_logprobs.remote([e["x2"] + e["y2"] for e in episodes], trained))
             timings["perf/reference_seconds"] = time.monotonic() - t
 
             groups = [(e["problem"]["id"]) for e in episodes]

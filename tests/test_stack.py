@@ -93,6 +93,18 @@ def test_loss_falls_on_a_fixed_batch_and_weights_sync_every_step(stack):
     assert np.mean(before[start:]) > np.mean(initial)
 
 
+def test_reference_scores_only_the_selected_positions_and_matches_the_full_pass(stack):
+    import ray
+
+    config, generator, reference, group = stack
+    sequence = list(range(20, 60))
+    select = [0.0] * 10 + [1.0] * 29
+    full = ray.get(reference.sequence_logprobs.remote([sequence]))[0]
+    partial = ray.get(reference.sequence_logprobs.remote([sequence], [select]))[0]
+    assert partial[:10] == [0.0] * 10
+    assert np.allclose(partial[10:], full[10:], atol=1e-5)
+
+
 def test_learner_ranks_hold_identical_weights(stack):
     import ray
 

@@ -11,6 +11,7 @@ from score_ray.trainer import (
     build_samples,
     checkpoint_folders,
     next_batch,
+    trained_positions,
     turn_kl_sums,
 )
 
@@ -51,6 +52,7 @@ def test_samples_train_exactly_the_sampled_tokens_of_each_turn():
     assert sample["input_ids"] == [1, 2, 3, 4, 5, 6, 7, 8]
     # position p scores token p + 1: y1 tokens (indices 3, 4) -> positions 2, 3; y2 (index 7) -> position 6
     assert sample["loss_mask"] == [0, 0, 1, 1, 0, 0, 1]
+    assert trained_positions(episode) == sample["loss_mask"]  # the reference scores exactly these
     assert sample["advantage"] == [0, 0, 2.0, 2.0, 0, 0, -3.0]
     assert sample["kl_coef"] == [0, 0, 0.1, 0.1, 0, 0, 0.01]
     assert sample["old_logp"] == [0, 0, -0.4, -0.5, 0, 0, -0.8]
