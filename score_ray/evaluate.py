@@ -68,13 +68,27 @@ def grade_episodes(pool, episodes: list[dict[str, Any]]) -> tuple[list[float], l
     return r1, r2, results
 
 
-def two_turn_eval(generators: list, pool, problems: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict]]:
-    """Greedy two-turn episodes on the held-out problems, graded; returns metrics and the episodes."""
-    import ray
+def two_turn_eval(
+    generators: list, pool, problems: list[dict[str, Any]], label: str = "eval", chunk: int = 25
+) -> tuple[dict[str, float], list[dict]]:
+    """Greedy two-turn episodes on the held-out problems, graded; returns metrics and the episodes.
 
-    shares = [problems[i :: len(generators)] for i in range(len(generators))]
-    parts = ray.get([g.generate.remote(share, 1, True) for g, share in zip(generators, shares) if share])
-    episodes = [episode for part in parts for episode in part]
+    Problems go out in chunks (one per generator at a time) so a progress bar with an ETA can follow.
+    """
+    import sys
+
+    import ray
+    from tqdm import tqdm
+
+    episodes: list[dict] = []
+    step = chunk * len(generators)
+    with tqdm(total=len(problems), desc=label, unit="problem", disable=not sys.stderr.isatty(), leave=False) as bar:
+        for start in range(0, len(problems), step):
+            batch = problems[start : start + step]
+            shares = [batch[i :: len(generators)] for i in range(len(generators))]
+            parts = ray.get([g.generate.remote(share, 1, True) for g, share in zip(generators, shares) if share])
+            episodes += [episode for part in parts for episode in part]
+            bar.update(len(batch))
     r1, r2, results = grade_episodes(pool, episodes)
     for episode, a, b in zip(episodes, r1, r2):
         episode["r1"], episode["r2"] = a, b

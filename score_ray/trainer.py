@@ -290,10 +290,16 @@ class Run:
             ray.kill(actor)
 
 
-def evaluate(run: Run, eval_problems: list[dict]) -> tuple[dict[str, float], list[dict]]:
+def evaluate(run: Run, eval_problems: list[dict], label: str) -> tuple[dict[str, float], list[dict]]:
     from score_ray.evaluate import two_turn_eval
 
-    return two_turn_eval(run.generators, run.pool, eval_problems)
+    start = time.monotonic()
+    if not sys.stderr.isatty():
+        print(f"{label}: greedy two-turn eval on {len(eval_problems)} held-out problems ...", flush=True)
+    result = two_turn_eval(run.generators, run.pool, eval_problems, label=label)
+    if not sys.stderr.isatty():
+        print(f"{label}: done in {time.monotonic() - start:.0f}s", flush=True)
+    return result
 
 
 def run(config: Config, run_dir: Path) -> int:
@@ -337,7 +343,7 @@ def run(config: Config, run_dir: Path) -> int:
             actors.sync_weights()
             print(f"resumed from {resumed_from.name}: iteration {state.iteration}", flush=True)
         elif config.eval.at_start:
-            metrics, episodes = evaluate(actors, eval_dicts)
+            metrics, episodes = evaluate(actors, eval_dicts, "base eval")
             state.base_eval = metrics
             logger.log({"iteration": 0, **{f"eval/{k}": v for k, v in metrics.items() if k != "n"}})
             logger.log_samples(0, episodes)
@@ -345,6 +351,7 @@ def run(config: Config, run_dir: Path) -> int:
 
         bar = tqdm(total=len(plan), initial=state.iteration, desc="SCoRe", unit="it", dynamic_ncols=True,
                    disable=not sys.stderr.isatty())
+        durations: list[float] = []
         while state.iteration < len(plan):
             iteration = state.iteration + 1
             stage = plan[state.iteration]
@@ -414,7 +421,7 @@ def run(config: Config, run_dir: Path) -> int:
             if config.eval.every and iteration % config.eval.every == 0 and iteration < len(plan):
                 bar.set_postfix_str("eval")
                 t = time.monotonic()
-                eval_metrics, eval_episodes = evaluate(actors, eval_dicts)
+                eval_metrics, eval_episodes = evaluate(actors, eval_dicts, f"eval @ {iteration}")
                 metrics.update({f"eval/{k}": v for k, v in eval_metrics.items() if k != "n"})
                 metrics["perf/eval_seconds"] = time.monotonic() - t
                 logger.log_samples(iteration, eval_episodes)
@@ -426,12 +433,15 @@ def run(config: Config, run_dir: Path) -> int:
                 save_checkpoint(run_dir, actors.learner, state, config.checkpoint.keep)
             bar.update(1)
             bar.set_postfix_str(f"r1 {metrics['train/reward_t1']:.2f} r2 {metrics['train/reward_t2']:.2f}")
+            durations.append(metrics["perf/iteration_seconds"])
             if not sys.stderr.isatty():
-                print(f"iteration {iteration}/{len(plan)} stage {stage}: reward t1 {metrics['train/reward_t1']:.3f} "
-                      f"t2 {metrics['train/reward_t2']:.3f} ({metrics['perf/iteration_seconds']:.1f}s)", flush=True)
+                eta = sum(durations) / len(durations) * (len(plan) - iteration)
+                print(f"iteration {iteration}/{len(plan)} stage {'I' if stage == 1 else 'II'}: reward t1 "
+                      f"{metrics['train/reward_t1']:.3f} t2 {metrics['train/reward_t2']:.3f} "
+                      f"({metrics['perf/iteration_seconds']:.0f}s, ETA {eta / 60:.1f} min + final eval)", flush=True)
         bar.close()
 
-        final_metrics, final_episodes = evaluate(actors, eval_dicts)
+        final_metrics, final_episodes = evaluate(actors, eval_dicts, "final eval")
         logger.log({"iteration": state.iteration, **{f"eval/{k}": v for k, v in final_metrics.items() if k != "n"}})
         logger.log_samples(state.iteration, final_episodes)
         final_dir = run_dir / "final_model"

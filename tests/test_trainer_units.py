@@ -77,6 +77,7 @@ def test_wandb_history_reader_on_a_real_offline_run(tmp_path, monkeypatch):
     from score_ray.tracking import read_wandb_history
 
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "300")  # a loaded 2-core machine starts the service slowly
     run = wandb.init(project="t", mode="offline", dir=str(tmp_path))
     for step in range(3):
         run.log({"iteration": step, "train/x": step * 1.5})
