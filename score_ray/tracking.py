@@ -76,6 +76,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(run_dir: Path) -> list[Path]:
     """acc_t1 / acc_t2 over evals and per-turn training rewards over iterations, as PNG."""
     import matplotlib
@@ -93,16 +105,8 @@ def write_plots(run_dir: Path) -> list[Path]:
             y = [100 * r[key] for r in evals]
             se = [100 * r.get(key + "_se", 0.0) for r in evals]
             ax.errorbar(x, y, yerr=se, marker="o", capsize=3, label=label)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title("Two-turn accuracy (greedy)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        path = Path(run_dir) / "eval_accuracy.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(plt, fig, ax, "iteration", "held-out accuracy (%)", "Two-turn accuracy (greedy)",
+                               Path(run_dir) / "eval_accuracy.png"))
     train = [r for r in rows if "train/reward_t1" in r]
     if train:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -112,16 +116,8 @@ def write_plots(run_dir: Path) -> list[Path]:
         for r in train:
             if r.get("train/stage") == 1:
                 ax.axvspan(r["iteration"] - 0.5, r["iteration"] + 0.5, color="grey", alpha=0.1, lw=0)
-        ax.set_xlabel("iteration (shaded: Stage I)")
-        ax.set_ylabel("mean reward (sampled)")
-        ax.set_title("Training rewards per turn")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        path = Path(run_dir) / "train_rewards.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(plt, fig, ax, "iteration (shaded: Stage I)", "mean reward (sampled)",
+                               "Training rewards per turn", Path(run_dir) / "train_rewards.png"))
     return written
 
 
