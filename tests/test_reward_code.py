@@ -224,3 +224,23 @@ def test_the_reward_package_does_not_import_torch():
 
     probe = "import sys, score_ray.reward, score_ray.grade; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_the_weaker_fallback_still_isolates_network_uid_and_environment(monkeypatch, capsys):
+    import score_ray.reward.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_warned_weak", False)
+    monkeypatch.setenv("WANDB_API_KEY", "secret")
+    program = (
+        "import os, socket\nprint(os.getuid())\n"
+        "try:\n    socket.create_connection(('127.0.0.1', 22), timeout=1)\n    print('network')\n"
+        "except OSError:\n    print('no network')\n"
+        "print(sorted(os.environ))\n"
+    )
+    with pytest.warns(RuntimeWarning, match="WEAKER"):
+        result = run_python({"m.py": program}, "m.py", SandboxLimits(backend="unshare"))
+    assert result.backend == "unshare" and result.exit_code == 0, result.stderr
+    uid, network, environment = result.stdout.strip().splitlines()
+    assert uid == "65534" and network == "no network" and "WANDB_API_KEY" not in environment
+    assert "WEAKER" in capsys.readouterr().err
+    assert grade_code(GOOD, ASSERTS, limits=SandboxLimits(backend="unshare")).status == "correct"

@@ -97,7 +97,7 @@ def choose_backend(choice: str = "auto") -> str:
     if not _warned_weak:
         _warned_weak = True
         message = (
-            "WARNING: bubblewrap is unavailable; graders use the WEAKER unshare+rlimits sandbox "
+            "WARNING: graders use the WEAKER unshare+rlimits sandbox (bubblewrap unavailable or not chosen): "
             "(no read-only root, no hidden home folders). Install bubblewrap for the real sandbox."
         )
         print(message, file=sys.stderr)
