@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -499,7 +498,3 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
             text = f"'{key}': {message}{given}" if parts else message
         lines.append("  - " + text)
     return "\n".join(lines)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

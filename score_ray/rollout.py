@@ -14,9 +14,8 @@ cache is reset after every update, or cached prefixes would serve stale activati
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import ray
 

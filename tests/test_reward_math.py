@@ -87,10 +87,8 @@ def test_a_hanging_expression_times_out_and_the_judge_recovers(judge):
 
 def test_the_judge_process_has_no_credentials_and_no_network(monkeypatch):
     # The judge evaluates model text with sympy: it must not see secrets nor reach the network.
-    import json
     import socket
     import subprocess
-    import sys
 
     monkeypatch.setenv("WANDB_API_KEY", "do-not-leak")
     judge = MathJudge(timeout_s=3.0)

@@ -1,6 +1,5 @@
 """Trainer helpers and eval metrics: data order, token layout, checkpoints, the five metrics."""
 
-import json
 
 import pytest
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from score_ray.config import Config, ConfigError, PromptsConfig, load_config
+from score_ray.config import Config, ConfigError, load_config
 from score_ray.data import DataError, Problem, load_problems
 
 _GENERATED = ("arithmetic", "gsm_symbolic", "humaneval")
