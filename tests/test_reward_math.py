@@ -11,7 +11,8 @@ PAPER_FORM = "Final Answer: The final answer is ${}$. I hope it is correct."
 
 @pytest.fixture(scope="module")
 def judge():
-    judge = MathJudge(timeout_s=3.0)
+    # Generous: a loaded 2-core machine can take seconds over an ordinary sympy check.
+    judge = MathJudge(timeout_s=10.0)
     yield judge
     judge.close()
 
@@ -80,7 +81,7 @@ def test_a_hanging_expression_times_out_and_the_judge_recovers(judge):
     start = time.monotonic()
     result = grade_math("\\boxed{9^{9^{9^{9}}}}", "\\frac{\\pi}{3}", judge)
     assert result.status == "timeout" and result.reward == 0.0
-    assert time.monotonic() - start < 3.0 + 5.0  # the timeout plus killing the process
+    assert time.monotonic() - start < 10.0 + 5.0  # the timeout plus killing the process
     assert judge.restarts >= 1
     assert grade_math("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", judge).status == "correct"
 
