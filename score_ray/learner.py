@@ -77,6 +77,7 @@ class LearnerWorker:
         algo_config: dict[str, Any],
         seed: int,
         dtype: str = "float32",
+        temperature: float = 1.0,
     ):
         os.environ.update(
             MASTER_ADDR=master_addr,
@@ -94,6 +95,7 @@ class LearnerWorker:
         from score_ray.modeling import load_causal_lm
 
         self.rank, self.world_size = rank, world_size
+        self.temperature = temperature  # score at the sampling temperature (see score_ray.modeling)
         self.learner, self.algo = learner, algo_config
         self.on_gpu = bool(ray.get_gpu_ids())
         _set_threads(learner["cpus_per_rank"])
@@ -157,7 +159,8 @@ class LearnerWorker:
                 select[0, 0] = True  # keep the forward (ZeRO-3 gathers happen in it); its loss weight is 0
             # Only trained tokens go through the LM head; the fields are flattened the same way.
             logp, entropy = selected_token_logprobs(
-                self.engine.module, ids.to(device), attention.to(device), select.to(device), with_entropy=True
+                self.engine.module, ids.to(device), attention.to(device), select.to(device), with_entropy=True,
+                temperature=self.temperature,
             )
             fields = {k: v[select].to(device) for k, v in fields.items()}
             loss_sum, stats = algo.token_loss(
@@ -185,11 +188,11 @@ class LearnerWorker:
         return sums
 
     # ------------------------------------------------------------------ log-probs and weights
-    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+    def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         from score_ray.modeling import sequence_logprobs
 
         self.engine.eval()
-        return sequence_logprobs(self.engine, sequences, self.pad_id)
+        return sequence_logprobs(self.engine, sequences, self.pad_id, temperature=temperature)
 
     def _full_parameters(self, names: Optional[set[str]] = None):
         """Yield (name, full tensor) in model order; under ZeRO-3 every rank must iterate together."""
@@ -271,11 +274,13 @@ class ReferenceActor:
     def ready(self) -> bool:
         return True
 
-    def sequence_logprobs(self, sequences: list[list[int]], select: Optional[list[list[float]]] = None) -> list[list[float]]:
-        """Log-probs of every position, or only of the ``select``-ed ones (the rest 0)."""
+    def sequence_logprobs(
+        self, sequences: list[list[int]], select: Optional[list[list[float]]] = None, temperature: float = 1.0
+    ) -> list[list[float]]:
+        """Log-probs of every position, or only of the ``select``-ed ones (the rest 0), at ``temperature``."""
         from score_ray.modeling import sequence_logprobs
 
-        return sequence_logprobs(self.model, sequences, self.pad_id, select=select)
+        return sequence_logprobs(self.model, sequences, self.pad_id, select=select, temperature=temperature)
 
 
 def split_micro_batches(samples: list[dict[str, Any]], ranks: int, max_tokens: int) -> list[list[list[dict[str, Any]]]]:
@@ -301,7 +306,8 @@ def split_micro_batches(samples: list[dict[str, Any]], ranks: int, max_tokens: i
 class LearnerGroup:
     """Places N learner ranks (a placement group with a timeout) and drives them together."""
 
-    def __init__(self, model_path: str, learner, algo_config, seed: int, dtype: str, timeout_s: float):
+    def __init__(self, model_path: str, learner, algo_config, seed: int, dtype: str, timeout_s: float,
+                 temperature: float = 1.0):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -323,7 +329,8 @@ class LearnerGroup:
                 num_cpus=learner.cpus_per_rank,
                 num_gpus=learner.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-            ).remote(rank, learner.num_ranks, address, port, model_path, learner.model_dump(), algo_config.model_dump(), seed, dtype)
+            ).remote(rank, learner.num_ranks, address, port, model_path, learner.model_dump(), algo_config.model_dump(), seed,
+                     dtype, temperature)
             for rank in range(learner.num_ranks)
         ]
         ray.get([worker.ready.remote() for worker in self.workers])
@@ -354,9 +361,9 @@ class LearnerGroup:
     def send_nccl(self) -> None:
         ray.get([w.nccl_send.remote() for w in self.workers])
 
-    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+    def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         # Every rank must join a ZeRO-3 forward; rank 0's answer is kept.
-        return ray.get([w.sequence_logprobs.remote(sequences) for w in self.workers])[0]
+        return ray.get([w.sequence_logprobs.remote(sequences, temperature) for w in self.workers])[0]
 
     def save_hf(self, path: str) -> None:
         ray.get([w.save_hf.remote(path) for w in self.workers])

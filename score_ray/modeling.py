@@ -2,8 +2,10 @@
 
 Sequences are lists of token ids; ``logp[t]`` is log p(token t | tokens < t), so a
 sequence of n tokens has n - 1 log-probs (position 0 has none). Log-probs are taken
-at temperature 1 with no truncation, the same distribution vLLM samples from at
-temperature 1 (and reports with ``logprobs_mode="processed_logprobs"``).
+at the sampling temperature (logits / T) with no truncation: the distribution vLLM
+samples from and reports with ``logprobs_mode="processed_logprobs"``. Scoring at
+T = 1 while sampling at T = 0.7 would compare different distributions (a KL that is
+not zero at step 0, a PPO ratio that is not 1 on-policy).
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device="cpu") -> 
     return ids.to(device), mask.to(device)
 
 
-def batch_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False):
+def batch_token_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False, temperature: float = 1.0
+):
     """[B, T-1] log-probs of each next token (and the full-distribution entropy when asked)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    logits = logits / temperature
     # gather - logsumexp avoids materialising a second [B, T, vocab] tensor when no entropy is needed
     normaliser = torch.logsumexp(logits, dim=-1)
     taken = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - normaliser
@@ -46,7 +51,7 @@ def batch_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
-                            with_entropy: bool = False):
+                            with_entropy: bool = False, temperature: float = 1.0):
     """Log-probs (and entropies) only at positions where ``select`` [B, T-1] is set, flattened in row order.
 
     The LM head over a 49k-token vocabulary costs more than the transformer body for small models;
@@ -54,7 +59,7 @@ def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     chosen = select.bool()
-    logits = model.get_output_embeddings()(hidden[:, :-1][chosen]).float()
+    logits = model.get_output_embeddings()(hidden[:, :-1][chosen]).float() / temperature
     targets = input_ids[:, 1:][chosen]
     normaliser = torch.logsumexp(logits, dim=-1)
     taken = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
@@ -87,6 +92,7 @@ def sequence_logprobs(
     pad_id: int,
     max_tokens: int = 8192,
     select: Optional[Sequence[Sequence[float]]] = None,
+    temperature: float = 1.0,
 ) -> list[list[float]]:
     """Per-sequence lists of next-token log-probs (len n - 1), computed in token-bounded batches.
 
@@ -97,14 +103,14 @@ def sequence_logprobs(
     for batch in token_budget_batches([len(s) for s in sequences], max_tokens):
         ids, mask = pad_batch([sequences[i] for i in batch], pad_id, device)
         if select is None:
-            logp, _ = batch_token_logprobs(model, ids, mask)
+            logp, _ = batch_token_logprobs(model, ids, mask, temperature=temperature)
             for row, index in enumerate(batch):
                 result[index] = logp[row, : len(sequences[index]) - 1].tolist()
             continue
         flags = torch.zeros((len(batch), ids.shape[1] - 1), dtype=torch.bool)
         for row, index in enumerate(batch):
             flags[row, : len(select[index])] = torch.tensor([bool(v) for v in select[index]])
-        chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device))
+        chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device), temperature=temperature)
         chosen = chosen.tolist()
         cursor = 0
         for row, index in enumerate(batch):

@@ -250,7 +250,7 @@ class Run:
         )
         self.pool = RewardPool.from_config(config.reward)
         self.learner = LearnerGroup(model_path, learner, config.algo, config.run.seed, config.model.dtype,
-                                    config.cluster.resource_timeout_s)
+                                    config.cluster.resource_timeout_s, temperature=rollout.temperature)
         ready = [g.ready.remote() for g in self.generators] + [self.reference.ready.remote()]
         done, pending = ray.wait(ready, num_returns=len(ready), timeout=max(600.0, config.cluster.resource_timeout_s))
         if pending:
@@ -375,7 +375,9 @@ def run(config: Config, run_dir: Path) -> int:
             import ray
 
             trained = [trained_positions(e) for e in episodes]  # the KL needs reference log-probs there only
-            ref_logps = ray.get(actors.reference.sequence_logprobs.remote([e["x2"] + e["y2"] for e in episodes], trained))
+            ref_logps = ray.get(actors.reference.sequence_logprobs.remote(
+                [e["x2"] + e["y2"] for e in episodes], trained, config.rollout.temperature
+            ))
             timings["perf/reference_seconds"] = time.monotonic() - t
 
             groups = [(e["problem"]["id"]) for e in episodes]

@@ -17,11 +17,13 @@ def stack(request, ray_local):
     from score_ray.rollout import GeneratorActor
 
     # trainable=all: the tied embedding changes too, the trap where vLLM keeps a stale packed LM head.
-    config = load_config("smoke", [f"learner.zero_stage={request.param}", "learner.trainable=all", "learner.lr=2e-4"])
+    # Sampling at 0.7: the learner must score at the same temperature for the sampler's log-probs to match.
+    config = load_config("smoke", [f"learner.zero_stage={request.param}", "learner.trainable=all", "learner.lr=2e-4",
+                                   "rollout.temperature=0.7"])
     path = resolve_model_path(config.model.path, config.model.tiny.model_dump())
     generator = GeneratorActor.options(num_cpus=0.5).remote(path, config.rollout.model_dump(), config.prompts.model_dump(), 0)
     reference = ReferenceActor.options(num_cpus=0.5).remote(path, 0.5)
-    group = LearnerGroup(path, config.learner, config.algo, 0, "float32", 120)
+    group = LearnerGroup(path, config.learner, config.algo, 0, "float32", 120, temperature=config.rollout.temperature)
     ray.get([generator.ready.remote(), reference.ready.remote()])
     yield config, generator, reference, group
     group.shutdown()
@@ -55,9 +57,13 @@ def test_episodes_are_two_turns_built_from_sampled_ids(stack):
         assert episode["x2"][: len(episode["x1"]) + len(episode["y1"])] == episode["x1"] + episode["y1"]
         assert len(episode["y1_logp"]) == len(episode["y1"]) and len(episode["y2_logp"]) == len(episode["y2"])
         assert 0 < len(episode["y2"]) <= config.rollout.max_tokens_turn2
-    # The sampler's log-probs are the learner's, token for token (same distribution at temperature 1).
+    # The sampler's log-probs are the learner's, token for token, at the sampling temperature ...
     sequences = [e["x2"] + e["y2"] for e in episodes]
-    learner = group.sequence_logprobs(sequences)
+    learner = group.sequence_logprobs(sequences, config.rollout.temperature)
+    untempered = group.sequence_logprobs(sequences, 1.0)
+    start = len(episodes[0]["x2"]) - 1
+    # ... and not at temperature 1, so the comparison can tell the two apart.
+    assert not np.allclose(episodes[0]["y2_logp"], untempered[0][start : start + len(episodes[0]["y2"])], atol=2e-3)
     for episode, logp in zip(episodes, learner):
         start = len(episode["x2"]) - 1
         assert np.allclose(episode["y2_logp"], logp[start : start + len(episode["y2"])], atol=2e-3)
