@@ -304,6 +304,7 @@ def evaluate(run: Run, eval_problems: list[dict], label: str) -> tuple[dict[str,
 
 def run(config: Config, run_dir: Path) -> int:
     """Train; returns a process exit code."""
+    import ray
     from tqdm import tqdm
 
     from score_ray.assets import resolve_model_path
@@ -372,8 +373,6 @@ def run(config: Config, run_dir: Path) -> int:
 
             bar.set_postfix_str(f"stage {'I' if stage == 1 else 'II'} | reference")
             t = time.monotonic()
-            import ray
-
             trained = [trained_positions(e) for e in episodes]  # the KL needs reference log-probs there only
             ref_logps = ray.get(actors.reference.sequence_logprobs.remote(
                 [e["x2"] + e["y2"] for e in episodes], trained, config.rollout.temperature
