@@ -247,6 +247,9 @@ class AlgoConfig(_Strict):
     ppo_epochs: int = Field(1, ge=1)
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
     normalize_advantages: bool = False
+    train_turns: list[Literal[1, 2]] = Field(
+        default_factory=lambda: [1, 2], min_length=1, description="[1] = single-turn RL (the paper's ablation)"
+    )
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
 

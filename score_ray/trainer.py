@@ -88,8 +88,11 @@ def trained_positions(episode: dict) -> list[float]:
     return flags
 
 
-def build_samples(episodes: list[dict], ref_logps: list[list[float]], scored: dict[str, list[float]]) -> list[dict]:
-    """Token-level learner samples: the full sequence x2 + y2, with turn-1 (y1) and turn-2 (y2) tokens trained.
+def build_samples(
+    episodes: list[dict], ref_logps: list[list[float]], scored: dict[str, list[float]], turns: tuple = (1, 2)
+) -> list[dict]:
+    """Token-level learner samples: the full sequence x2 + y2, with turn-1 (y1) and turn-2 (y2) tokens trained
+    (only the turns in ``turns``: [1] is single-turn RL).
 
     logp position t scores token t + 1, so the tokens at sequence indices [a, b) are positions [a - 1, b - 1).
     """
@@ -102,10 +105,12 @@ def build_samples(episodes: list[dict], ref_logps: list[list[float]], scored: di
         coef = [0.0] * width
         old = [0.0] * width
         spans = (
-            (len(episode["x1"]), episode["y1"], episode["y1_logp"], scored["adv1"][index], scored["kl_coef1"][index]),
-            (len(episode["x2"]), episode["y2"], episode["y2_logp"], scored["adv2"][index], scored["kl_coef2"][index]),
+            (1, len(episode["x1"]), episode["y1"], episode["y1_logp"], scored["adv1"][index], scored["kl_coef1"][index]),
+            (2, len(episode["x2"]), episode["y2"], episode["y2_logp"], scored["adv2"][index], scored["kl_coef2"][index]),
         )
-        for start, tokens, sampler_logp, adv, kl_coef in spans:
+        for turn, start, tokens, sampler_logp, adv, kl_coef in spans:
+            if turn not in turns:
+                continue
             for offset in range(len(tokens)):
                 position = start + offset - 1
                 mask[position] = 1.0
@@ -386,7 +391,7 @@ def run(config: Config, run_dir: Path) -> int:
                 estimator=config.algo.estimator, normalize_advantages=config.algo.normalize_advantages,
                 kl_in_reward=config.algo.kl_in == "reward", kl1=[k[0] for k in kl_sums], kl2=[k[1] for k in kl_sums],
             )
-            samples = build_samples(episodes, ref_logps, scored)
+            samples = build_samples(episodes, ref_logps, scored, tuple(config.algo.train_turns))
 
             bar.set_postfix_str(f"stage {'I' if stage == 1 else 'II'} | learner")
             t = time.monotonic()

@@ -56,6 +56,8 @@ def test_samples_train_exactly_the_sampled_tokens_of_each_turn():
     assert sample["kl_coef"] == [0, 0, 0.1, 0.1, 0, 0, 0.01]
     assert sample["old_logp"] == [0, 0, -0.4, -0.5, 0, 0, -0.8]
     assert sample["ref_logp"] == ref
+    (single,) = build_samples([episode], [ref], scored, turns=(1,))  # single-turn RL: y2 is not trained
+    assert single["loss_mask"] == [0, 0, 1, 1, 0, 0, 0] and single["advantage"][6] == 0
     kl1, kl2 = turn_kl_sums(episode, ref)
     assert kl1 == pytest.approx((-0.4 + 3.0) + (-0.5 + 4.0))
     assert kl2 == pytest.approx(-0.8 + 7.0)
