@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from score_ray.config import Config, ConfigError, dump_config, load_config
+from score_ray.config import Config, ConfigError, load_config
 
 EXIT_CONFIG = 2
 EXIT_PREFLIGHT = 3
@@ -51,8 +51,7 @@ def run_dir_for(config: Config) -> Path:
     while run_dir.exists():
         run_dir = root / f"{config.run.name}-{stamp}-{suffix}"
         suffix += 1
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    run_dir.mkdir(parents=True)  # the trainer writes the resolved config.yaml into it
     return run_dir
 
 
