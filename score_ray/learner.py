@@ -129,13 +129,31 @@ class LearnerWorker:
         return self.rank
 
     # ------------------------------------------------------------------ training
-    def train_step(self, micro_batches: list[list[dict[str, Any]]], total_tokens: int) -> dict[str, float]:
+    def train_step(
+        self, micro_batches: list[list[dict[str, Any]]], total_tokens: int, off_policy: bool = False
+    ) -> dict[str, float]:
         """One optimiser step over this rank's micro-batches (all ranks get the same count).
 
         Each micro-batch's loss is (sum over its trained tokens) / (trained tokens on ALL ranks),
         multiplied by world size and micro-batch count to undo DeepSpeed's averaging over ranks
         and gradient accumulation: the step follows the mean token loss of the whole batch.
+
+        A non-finite gradient norm makes DeepSpeed's ZeRO optimiser drop the step (weights and
+        optimiser state untouched); ``applied`` reports it so the trainer can count and stop.
         """
+        try:
+            return self._train_step(micro_batches, total_tokens, off_policy)
+        except Exception as err:  # noqa: BLE001 - an OOM is re-raised with the settings that bound memory
+            from score_ray.rollout import is_out_of_memory
+
+            if is_out_of_memory(err):
+                raise RuntimeError(
+                    f"learner rank {self.rank} ran out of memory ({str(err)[:300]}); lower learner.micro_batch_tokens, "
+                    "set learner.gradient_checkpointing=true, or shard more (learner.zero_stage=3, more learner.num_ranks)"
+                ) from err
+            raise
+
+    def _train_step(self, micro_batches: list[list[dict[str, Any]]], total_tokens: int, off_policy: bool) -> dict[str, float]:
         import torch
 
         from score_ray.modeling import selected_token_logprobs
@@ -174,6 +192,7 @@ class LearnerWorker:
                 kl_estimator=self.algo["kl_estimator"],
                 kl_in_loss=self.algo["kl_in"] == "loss",
                 clip_eps=self.algo["clip_eps"],
+                importance_cap=self.algo["importance_cap"] if off_policy else None,
             )
             self.engine.backward(loss_sum * scale)
             self.engine.step()
@@ -185,6 +204,7 @@ class LearnerWorker:
         self.steps += 1
         sums["seconds"] = time.monotonic() - start
         sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        sums["applied"] = float(self.engine.was_step_applied())
         return sums
 
     # ------------------------------------------------------------------ log-probs and weights
@@ -207,16 +227,17 @@ class LearnerWorker:
             else:
                 yield name, param.detach().contiguous()
 
-    def weights_payload(self, dtype: str = "float32") -> Optional[bytes]:
-        """safetensors bytes of the trainable weights on rank 0 (None elsewhere)."""
+    def weights_payload(self, dtype: str = "float32") -> Optional[tuple[bytes, float]]:
+        """safetensors bytes of the trainable weights and the seconds it took, on rank 0 (None elsewhere)."""
         import torch
         from safetensors.torch import save
 
+        start = time.monotonic()
         tensors = {}
         for name, tensor in self._full_parameters(set(self.trainable)):
             if self.rank == 0:
                 tensors[name] = tensor.to(getattr(torch, dtype)).cpu().contiguous()
-        return save(tensors) if self.rank == 0 else None
+        return (save(tensors), time.monotonic() - start) if self.rank == 0 else None
 
     def node_address(self) -> str:
         return ray.util.get_node_ip_address()
@@ -280,7 +301,14 @@ class ReferenceActor:
         """Log-probs of every position, or only of the ``select``-ed ones (the rest 0), at ``temperature``."""
         from score_ray.modeling import sequence_logprobs
 
-        return sequence_logprobs(self.model, sequences, self.pad_id, select=select, temperature=temperature)
+        start = time.monotonic()
+        result = sequence_logprobs(self.model, sequences, self.pad_id, select=select, temperature=temperature)
+        self.last_seconds = time.monotonic() - start
+        return result
+
+    def last_call_seconds(self) -> float:
+        """Seconds the last ``sequence_logprobs`` computed (the phase's compute, without Ray's transport)."""
+        return getattr(self, "last_seconds", 0.0)
 
 
 def split_micro_batches(samples: list[dict[str, Any]], ranks: int, max_tokens: int) -> list[list[list[dict[str, Any]]]]:
@@ -336,17 +364,23 @@ class LearnerGroup:
         ray.get([worker.ready.remote() for worker in self.workers])
         self.max_tokens = learner.micro_batch_tokens
 
-    def train_step(self, samples: list[dict[str, Any]]) -> dict[str, float]:
+    def train_step(self, samples: list[dict[str, Any]], off_policy: bool = False) -> dict[str, float]:
+        """One optimiser step on the whole batch; ``applied`` is 0.0 when DeepSpeed skipped it (non-finite)."""
         shares = split_micro_batches(samples, len(self.workers), self.max_tokens)
         total = int(sum(sum(s["loss_mask"]) for s in samples))
-        results = ray.get([w.train_step.remote(share, total) for w, share in zip(self.workers, shares)])
+        results = ray.get([w.train_step.remote(share, total, off_policy) for w, share in zip(self.workers, shares)])
         merged = {key: sum(r[key] for r in results) for key in ("loss", "pg", "kl", "clipped", "entropy", "tokens")}
         merged["seconds"] = max(r["seconds"] for r in results)
         merged["grad_norm"] = results[0]["grad_norm"]
+        merged["applied"] = min(r["applied"] for r in results)
         merged["micro_batches"] = len(shares[0])
         return merged
 
     def weights_payload(self, dtype: str = "float32") -> bytes:
+        return self.timed_weights_payload(dtype)[0]
+
+    def timed_weights_payload(self, dtype: str = "float32") -> tuple[bytes, float]:
+        """(rank 0's safetensors bytes, seconds spent building them inside the actor)."""
         payloads = ray.get([w.weights_payload.remote(dtype) for w in self.workers])
         return payloads[0]
 

@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 import ray
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError, or an allocator / KV-cache failure reported as another error type."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return "outofmemory" in text.replace(" ", "") or "out of memory" in text or "cannot allocate memory" in text
 
 
 class WeightReceiver:
@@ -80,6 +86,9 @@ class GeneratorActor:
             worker_extension_cls="score_ray.rollout.WeightReceiver",
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
+            # Memory is bounded by tokens: at most this many sequences and tokens per engine step.
+            max_num_seqs=rollout["max_num_seqs"],
+            max_num_batched_tokens=max(rollout["max_num_batched_tokens"], rollout["max_model_len"]),
         )
         if self.on_gpu:
             kwargs.update(
@@ -93,45 +102,79 @@ class GeneratorActor:
         else:
             # The CPU build refuses the "ray" executor; the in-process one starts in seconds.
             kwargs.update(distributed_executor_backend="uni")
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as err:  # noqa: BLE001 - name the settings behind a KV cache that cannot fit
+            text = str(err)
+            if is_out_of_memory(err) or "kv cache" in text.lower():
+                raise RuntimeError(
+                    f"vLLM could not fit its KV cache: {text[:400]}; lower rollout.max_model_len or "
+                    + ("raise rollout.gpu_memory_utilization" if self.on_gpu else "raise rollout.kv_cache_gib")
+                ) from err
+            raise
         self.weight_version = 0
 
     def ready(self) -> bool:
         return True
 
     # ------------------------------------------------------------------ generation
-    def _params(self, max_tokens: int, greedy: bool, n: int = 1):
+    def _params(self, max_tokens: int, greedy: bool, n: int = 1, seed: Optional[int] = None):
         from vllm import SamplingParams
 
         if greedy:
             return SamplingParams(n=n, temperature=0.0, max_tokens=max_tokens, logprobs=0)
         return SamplingParams(
-            n=n, temperature=self.rollout["temperature"], top_p=self.rollout["top_p"], max_tokens=max_tokens, logprobs=0
+            n=n, temperature=self.rollout["temperature"], top_p=self.rollout["top_p"], max_tokens=max_tokens, logprobs=0,
+            seed=seed,
         )
 
-    def generate(self, problems: list[dict[str, Any]], samples: int, greedy: bool = False) -> list[dict[str, Any]]:
-        """Two-turn episodes: ``samples`` per problem (1 when greedy)."""
+    def generate(
+        self, problems: list[dict[str, Any]], samples: int, greedy: bool = False, seeds: Optional[list[int]] = None
+    ) -> list[dict[str, Any]]:
+        """Two-turn episodes: ``samples`` per problem (1 when greedy).
+
+        ``seeds`` (one per problem) make sampling a function of the problem and the weights alone, so a
+        redone rollout (a restarted actor, a resumed run) samples what the lost one would have.
+        """
+        try:
+            return self._generate(problems, samples, greedy, seeds)
+        except Exception as err:  # noqa: BLE001 - an OOM is re-raised with the settings that bound memory
+            if is_out_of_memory(err):
+                raise RuntimeError(
+                    f"generator ran out of memory ({type(err).__name__}: {str(err)[:300]}); lower "
+                    "rollout.max_num_seqs or rollout.max_num_batched_tokens, rollout.max_model_len, or on GPU "
+                    "rollout.gpu_memory_utilization (on CPU raise rollout.kv_cache_gib)"
+                ) from err
+            raise
+
+    def _generate(
+        self, problems: list[dict[str, Any]], samples: int, greedy: bool, seeds: Optional[list[int]]
+    ) -> list[dict[str, Any]]:
         from vllm.inputs import TokensPrompt
 
         from score_ray.data import Problem
 
         start = time.monotonic()
+        if seeds is None or greedy:
+            seeds = [None] * len(problems)
         samples = 1 if greedy else samples
         records = [Problem(**{**p, "fewshot": tuple(tuple(s) for s in p.get("fewshot", ()))}) for p in problems]
         turn1_prompts = [self.prompter.turn1_ids(problem) for problem in records]
         first = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in turn1_prompts],
-            self._params(self.rollout["max_tokens_turn1"], greedy, n=samples),
+            [self._params(self.rollout["max_tokens_turn1"], greedy, n=samples, seed=seed) for seed in seeds],
             use_tqdm=False,
         )
         episodes = []
-        for problem, x1, output in zip(problems, turn1_prompts, first):
+        for problem, x1, output, seed in zip(problems, turn1_prompts, first, seeds):
             for index, sample in enumerate(output.outputs):
                 y1 = list(sample.token_ids)
                 episodes.append(
                     {
                         "problem": problem,
                         "sample": index,
+                        # vLLM seeds the n samples of turn 1 with seed + index; turn 2 continues past them
+                        "seed2": None if seed is None else seed + samples + index,
                         "x1": x1,
                         "y1": y1,
                         "y1_logp": _logprobs_of(sample),
@@ -149,7 +192,7 @@ class GeneratorActor:
                     f"rollout.max_model_len={limit} leaves no room: raise it or lower rollout.max_tokens_turn1"
                 )
             second_prompts.append(TokensPrompt(prompt_token_ids=episode["x2"]))
-            second_params.append(self._params(min(self.rollout["max_tokens_turn2"], room), greedy))
+            second_params.append(self._params(min(self.rollout["max_tokens_turn2"], room), greedy, seed=episode.pop("seed2")))
         second = self.llm.generate(second_prompts, second_params, use_tqdm=False)
         for episode, output in zip(episodes, second):
             sample = output.outputs[0]

@@ -15,6 +15,7 @@ checkpoint. Checkpoints are written to a temporary folder and renamed when compl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,7 +41,8 @@ class TrainerState:
     position: int = 0  # next index into this epoch's order of training problems
     rng_state: Any = None
     base_eval: Optional[dict[str, float]] = None
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # optimiser steps DeepSpeed dropped for a non-finite gradient
+    skipped_in_row: int = 0
 
 
 # ----------------------------------------------------------------------------- data order
@@ -155,18 +157,105 @@ def turn_metrics(episodes: list[dict], ref_logps: list[list[float]], r1: list[fl
     return out
 
 
+# ----------------------------------------------------------------------------- faults: seeds, grading, skipped steps
+
+
+def sampling_seeds(seed: int, iteration: int, problems: list[dict]) -> list[int]:
+    """One sampling seed per problem of an iteration, independent of which generator gets it: a rollout
+    redone after a crash (or a resume) samples exactly what the lost one would have, given the weights."""
+    seeds = []
+    for index, problem in enumerate(problems):
+        digest = hashlib.sha256(f"{seed}:{iteration}:{index}:{problem['id']}".encode()).digest()
+        seeds.append(int.from_bytes(digest[:4], "little") & 0x3FFFFFFF)
+    return seeds
+
+
+def grading_alarm(graded: list[dict], threshold: float) -> Optional[str]:
+    """A warning when more than ``threshold`` of the grades timed out or failed (their rewards are 0)."""
+    if not graded:
+        return None
+    timeouts = [g for g in graded if g["status"] == "timeout"]
+    errors = [g for g in graded if g["status"] == "error"]
+    share = (len(timeouts) + len(errors)) / len(graded)
+    if share <= threshold:
+        return None
+    first = (errors or timeouts)[0].get("detail", "")
+    return (f"{share:.0%} of {len(graded)} grades failed (timeout {len(timeouts)}, error {len(errors)}; "
+            f"reward.alarm_fraction={threshold:g}); they count as reward 0. First: {str(first)[:200]}")
+
+
+class TrainingHalted(RuntimeError):
+    """The run stopped itself (e.g. non-finite steps in a row) after checkpointing its last good state."""
+
+
+def account_step(state: TrainerState, applied: bool, limit: int) -> Optional[str]:
+    """Count a skipped (non-finite) optimiser step; the reason to stop once ``limit`` came in a row."""
+    if applied:
+        state.skipped_in_row = 0
+        return None
+    state.skipped_steps += 1
+    state.skipped_in_row += 1
+    if state.skipped_in_row < limit:
+        return None
+    return (f"{state.skipped_in_row} optimiser steps in a row had a non-finite loss or gradient and were skipped "
+            f"(learner.max_skipped_steps_in_row={limit}); the weights are those of the last finite step. "
+            "Lower learner.lr, check the rewards and advantages, or raise the limit")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder without COMPLETE was cut short and is ignored)."""
+    """Checkpoints marked complete, oldest first (a folder without COMPLETE was cut short and is ignored)."""
     root = run_dir / CHECKPOINTS
     if not root.exists():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter-") and (p / COMPLETE).exists())
 
 
+def _manifest(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def verify_checkpoint(folder: Path) -> Optional[str]:
+    """None when ``folder`` is whole, else why not: no COMPLETE marker, or a file missing or cut short
+    (COMPLETE lists every file with its size, so a marker written over a torn copy is caught too)."""
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        return "no COMPLETE marker (the write was cut short)"
+    try:
+        listed = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "COMPLETE marker unreadable"
+    for name, size in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def resumable_checkpoints(run_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(whole checkpoints newest first, [(damaged or partial folder, reason)])."""
+    root = run_dir / CHECKPOINTS
+    whole, damaged = [], []
+    if root.exists():
+        folders = [p for p in root.iterdir() if p.is_dir() and p.name.lstrip(".").startswith("iter-")]
+        for folder in sorted(folders, key=lambda p: p.name.lstrip("."), reverse=True):
+            if folder.name.endswith(".partial"):
+                damaged.append((folder, "left half-written by a crash"))
+                continue
+            reason = verify_checkpoint(folder)
+            if reason is None:
+                whole.append(folder)
+            else:
+                damaged.append((folder, reason))
+    return whole, damaged
+
+
 def save_checkpoint(run_dir: Path, learner, state: TrainerState, keep: int) -> Path:
+    """Write into a hidden partial folder, list every file with its size in COMPLETE, then rename."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter-{state.iteration:06d}"
@@ -175,7 +264,8 @@ def save_checkpoint(run_dir: Path, learner, state: TrainerState, keep: int) -> P
     partial.mkdir()
     learner.save_checkpoint(str(partial / "deepspeed"), tag="state")
     (partial / "trainer_state.json").write_text(json.dumps(asdict(state)))
-    (partial / COMPLETE).write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+    marker = {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "files": _manifest(partial)}
+    (partial / COMPLETE).write_text(json.dumps(marker, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     for old in checkpoint_folders(run_dir)[:-keep]:
@@ -189,6 +279,31 @@ def load_state(folder: Path) -> TrainerState:
     if state.rng_state is not None:
         state.rng_state = (state.rng_state[0], tuple(state.rng_state[1]), state.rng_state[2])
     return state
+
+
+def roll_back_metrics(run_dir: Path, iteration: int) -> int:
+    """Move metric rows past ``iteration`` (logged after the checkpoint a resume starts from) into
+    metrics.rolled_back.jsonl, so the redone iterations are not counted twice and nothing is deleted."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line torn by the crash
+            moved.append(line)
+            continue
+        (moved if row.get("iteration", 0) > iteration else keep).append(line)
+    if moved:
+        with open(run_dir / "metrics.rolled_back.jsonl", "a") as handle:
+            handle.write("\n".join(moved) + "\n")
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return len(moved)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -212,21 +327,46 @@ def _ray_init(config: Config) -> None:
     ray.init(num_cpus=max(int(math.ceil(needed)), os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
 
 
+def resource_needs(config: Config) -> dict[str, float]:
+    """What the run's actors ask Ray for, summed."""
+    rollout, learner = config.rollout, config.learner
+    return {
+        "GPU": rollout.num_generators * rollout.gpus_per_generator + (learner.num_ranks + 1) * learner.gpus_per_rank,
+        "CPU": rollout.num_generators * rollout.cpus_per_generator + (learner.num_ranks + 1) * learner.cpus_per_rank
+        + config.reward.workers * config.reward.cpus_per_worker,
+    }
+
+
 def check_resources(config: Config) -> None:
     """Fail in seconds, naming the keys, when the cluster can never fit the run (no autoscaler pending)."""
     import ray
 
     total = ray.cluster_resources()
-    gpus_needed = (
-        config.rollout.num_generators * config.rollout.gpus_per_generator
-        + (config.learner.num_ranks + 1) * config.learner.gpus_per_rank
-    )
-    if gpus_needed > total.get("GPU", 0.0) and not os.environ.get("SCORE_RAY_AUTOSCALING"):
+    needs = resource_needs(config)
+    if os.environ.get("SCORE_RAY_AUTOSCALING"):
+        return
+    if needs["GPU"] > total.get("GPU", 0.0):
         raise RuntimeError(
-            f"this run needs {gpus_needed:g} GPUs (rollout.num_generators x rollout.gpus_per_generator + "
+            f"this run needs {needs['GPU']:g} GPUs (rollout.num_generators x rollout.gpus_per_generator + "
             f"(learner.num_ranks + 1) x learner.gpus_per_rank) but the cluster has {total.get('GPU', 0.0):g}; "
             "on an autoscaling cluster set SCORE_RAY_AUTOSCALING=1 to wait for nodes instead"
         )
+    if needs["CPU"] > total.get("CPU", 0.0):
+        raise RuntimeError(
+            f"this run needs {needs['CPU']:g} CPUs (rollout.num_generators x rollout.cpus_per_generator + "
+            f"(learner.num_ranks + 1) x learner.cpus_per_rank + reward.workers x reward.cpus_per_worker) but the "
+            f"cluster has {total.get('CPU', 0.0):g}; lower those keys or add nodes (SCORE_RAY_AUTOSCALING=1 waits)"
+        )
+
+
+@dataclass
+class RolloutHandle:
+    """Generation in flight: one task per generator share, resubmitted if its generator dies."""
+
+    shares: list[tuple[list[dict], list[int]]]
+    samples: int
+    greedy: bool
+    tasks: dict  # ObjectRef -> share index
 
 
 class Run:
@@ -243,8 +383,10 @@ class Run:
         rollout, learner = config.rollout, config.learner
         on_gpu = rollout.gpus_per_generator > 0 and learner.gpus_per_rank > 0
         self.nccl = learner.weight_sync == "nccl" or (learner.weight_sync == "auto" and on_gpu)
+        # Ray restarts a dead generator (a fresh engine with the base weights); we re-sync it and redo its share.
         self.generators = [
-            GeneratorActor.options(num_cpus=rollout.cpus_per_generator, num_gpus=rollout.gpus_per_generator).remote(
+            GeneratorActor.options(num_cpus=rollout.cpus_per_generator, num_gpus=rollout.gpus_per_generator,
+                                   max_restarts=rollout.max_restarts, max_task_retries=0).remote(
                 model_path, rollout.model_dump(), config.prompts.model_dump(), config.run.seed + index, config.model.dtype,
                 self.nccl,
             )
@@ -260,17 +402,83 @@ class Run:
         done, pending = ray.wait(ready, num_returns=len(ready), timeout=max(600.0, config.cluster.resource_timeout_s))
         if pending:
             raise RuntimeError("generators or the reference did not start in time; check the cluster's free resources")
+        ray.get(done)  # an engine that failed to start (e.g. its KV cache does not fit) says why here
         if self.nccl:
             self.learner.connect_nccl(self.generators, rollout.tensor_parallel_size, config.model.dtype)
-        self.version = 0
+        self.version = 0  # weights the generators hold: the learner's state after this many syncs
+        self.weights_ref = None  # the last CPU payload, kept for re-syncing a restarted generator
+        self.restarts = 0
 
-    def rollout(self, problems: list[dict], samples: int) -> list[dict]:
+    # ------------------------------------------------------------------ generation with recovery
+    def start_rollout(self, problems: list[dict], samples: int, greedy: bool = False,
+                      seeds: Optional[list[int]] = None) -> RolloutHandle:
+        count = len(self.generators)
+        seeds = seeds if seeds is not None else [None] * len(problems)
+        shares = [(problems[i::count], seeds[i::count]) for i in range(count)]
+        handle = RolloutHandle(shares=shares, samples=samples, greedy=greedy, tasks={})
+        for index, share in enumerate(shares):
+            if share[0]:
+                handle.tasks[self._submit(index, share, samples, greedy)] = index
+        return handle
+
+    def _submit(self, index: int, share, samples: int, greedy: bool):
+        problems, seeds = share
+        return self.generators[index].generate.remote(problems, samples, greedy, None if greedy else seeds)
+
+    def finish_rollout(self, handle: RolloutHandle) -> tuple[list[dict], dict[str, float]]:
+        """Wait for every share; a share whose generator died is redone on the restarted generator."""
         import ray
 
-        shares = [problems[i :: len(self.generators)] for i in range(len(self.generators))]
-        parts = ray.get([g.generate.remote(s, samples) for g, s in zip(self.generators, shares) if s])
-        return [episode for part in parts for episode in part]
+        parts: dict[int, list[dict]] = {}
+        retries = 0
+        while handle.tasks:
+            done, _ = ray.wait(list(handle.tasks), num_returns=1)
+            index = handle.tasks.pop(done[0])
+            try:
+                parts[index] = ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                retries += 1
+                self._recover_generator(index, err)
+                handle.tasks[self._submit(index, handle.shares[index], handle.samples, handle.greedy)] = index
+        episodes = [episode for index in sorted(parts) for episode in parts[index]]
+        compute = max((part[0]["gen_seconds"] for part in parts.values() if part), default=0.0)
+        return episodes, {"perf/rollout_retries": float(retries), "perf/rollout_compute_seconds": compute}
 
+    def generate(self, problems: list[dict], samples: int, greedy: bool = False,
+                 seeds: Optional[list[int]] = None) -> list[dict]:
+        return self.finish_rollout(self.start_rollout(problems, samples, greedy, seeds))[0]
+
+    def _recover_generator(self, index: int, err: Exception) -> None:
+        import ray
+
+        reason = str(err).splitlines()[0][:200]
+        if self.nccl:
+            raise RuntimeError(
+                f"generator {index} died ({reason}); with NCCL weight sync a restarted engine cannot rejoin its transfer "
+                "group, so the run stops here: resume it with run.resume=true from the last checkpoint"
+            )
+        print(f"score_ray: generator {index} died ({reason}); waiting for its restart ...", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + max(600.0, self.config.cluster.resource_timeout_s)
+        while True:
+            try:
+                ray.get(self.generators[index].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.ActorUnavailableError:  # still restarting
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"generator {index} did not come back within the timeout") from None
+                time.sleep(1.0)
+            except ray.exceptions.RayActorError:
+                raise RuntimeError(
+                    f"generator {index} died and rollout.max_restarts={self.config.rollout.max_restarts} restarts are "
+                    "used up; resume with run.resume=true from the last checkpoint"
+                ) from None
+        if self.weights_ref is not None:
+            ray.get(self.generators[index].update_weights.remote(self.weights_ref, self.version))
+        self.restarts += 1
+        print(f"score_ray: generator {index} restarted, weights re-synced (version {self.version}); "
+              "redoing its problems", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ weights
     def sync_weights(self) -> dict[str, float]:
         import ray
 
@@ -278,13 +486,15 @@ class Run:
         if self.nccl:  # GPU: vLLM's NCCL weight transfer, layer by layer from the learner's rank 0
             self.learner.send_nccl()
             self.version += 1
-            return {"perf/sync_seconds": time.monotonic() - start}
-        payload = self.learner.weights_payload()
-        reference = ray.put(payload)
+            seconds = time.monotonic() - start
+            return {"perf/sync_seconds": seconds, "perf/sync_compute_seconds": seconds}
+        payload, build_seconds = self.learner.timed_weights_payload()
+        self.weights_ref = ray.put(payload)
         self.version += 1
-        results = ray.get([g.update_weights.remote(reference, self.version) for g in self.generators])
+        results = ray.get([g.update_weights.remote(self.weights_ref, self.version) for g in self.generators])
+        load = max(r["seconds"] for r in results)
         return {"perf/sync_seconds": time.monotonic() - start, "perf/sync_mb": len(payload) / 1e6,
-                "perf/sync_load_seconds": max(r["seconds"] for r in results)}
+                "perf/sync_load_seconds": load, "perf/sync_compute_seconds": build_seconds + load}
 
     def shutdown(self) -> None:
         import ray
@@ -301,10 +511,27 @@ def evaluate(run: Run, eval_problems: list[dict], label: str) -> tuple[dict[str,
     start = time.monotonic()
     if not sys.stderr.isatty():
         print(f"{label}: greedy two-turn eval on {len(eval_problems)} held-out problems ...", flush=True)
-    result = two_turn_eval(run.generators, run.pool, eval_problems, label=label)
+    result = two_turn_eval(lambda batch: run.generate(batch, 1, greedy=True), run.pool, eval_problems, label=label,
+                           chunk=25 * len(run.generators))
     if not sys.stderr.isatty():
         print(f"{label}: done in {time.monotonic() - start:.0f}s", flush=True)
     return result
+
+
+def _resume(run_dir: Path, actors: Run) -> tuple[Optional[Path], TrainerState]:
+    """Load the newest whole checkpoint (damaged ones are reported and passed over)."""
+    whole, damaged = resumable_checkpoints(run_dir)
+    for folder, reason in damaged:
+        print(f"score_ray: skipping checkpoint {folder.name}: {reason}", file=sys.stderr, flush=True)
+    for folder in whole:
+        try:
+            state = load_state(folder)
+            actors.learner.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        except Exception as err:  # noqa: BLE001 - an unreadable checkpoint: fall back to the one before
+            print(f"score_ray: skipping checkpoint {folder.name}: it does not load ({err})", file=sys.stderr, flush=True)
+            continue
+        return folder, state
+    return None, TrainerState()
 
 
 def run(config: Config, run_dir: Path) -> int:
@@ -327,63 +554,90 @@ def run(config: Config, run_dir: Path) -> int:
     eval_dicts = [p.to_dict() for p in eval_problems]
     plan = algo.stage_plan(config.algo.schedule.stage1_iterations, config.algo.schedule.stage2_iterations,
                            config.algo.schedule.rounds)
+    overlap = config.rollout.overlap
 
     _ray_init(config)
     check_resources(config)
-    state = TrainerState()
-    resumed_from = None
-    if config.run.resume and checkpoint_folders(run_dir):
-        resumed_from = checkpoint_folders(run_dir)[-1]
-        state = load_state(resumed_from)
-    rng = random.Random(config.run.seed)
-    if state.rng_state is not None:
-        rng.setstate(state.rng_state)
-
+    resuming = config.run.resume and bool(resumable_checkpoints(run_dir)[0])
     print(f"starting actors: {config.rollout.num_generators} generator(s), {config.learner.num_ranks} learner rank(s) "
           f"(ZeRO-{config.learner.zero_stage}), 1 reference, {config.reward.workers} reward actor(s)", flush=True)
-    logger = MetricsLogger(run_dir, config, resume=resumed_from is not None)
     actors = Run(config, run_dir, model_path)
+    logger = None
     try:
+        state = TrainerState()
+        resumed_from = None
+        if resuming:
+            resumed_from, state = _resume(run_dir, actors)
         if resumed_from is not None:
-            actors.learner.load_checkpoint(str(resumed_from / "deepspeed"), tag="state")
+            moved = roll_back_metrics(run_dir, state.iteration)
             actors.sync_weights()
-            print(f"resumed from {resumed_from.name}: iteration {state.iteration}", flush=True)
-        elif config.eval.at_start:
+            print(f"resumed from {resumed_from.name}: iteration {state.iteration}"
+                  + (f" ({moved} metric rows logged after it moved to metrics.rolled_back.jsonl)" if moved else ""),
+                  flush=True)
+        logger = MetricsLogger(run_dir, config, resume=resumed_from is not None)
+        rng = random.Random(config.run.seed)
+        if state.rng_state is not None:
+            rng.setstate(state.rng_state)
+        if resumed_from is None and config.eval.at_start:
             metrics, episodes = evaluate(actors, eval_dicts, "base eval")
             state.base_eval = metrics
             logger.log({"iteration": 0, **{f"eval/{k}": v for k, v in metrics.items() if k != "n"}})
             logger.log_samples(0, episodes)
             print("base model:\n" + format_table({"base": metrics}), flush=True)
 
+        def next_rollout(iteration: int):
+            """Problems, seeds and data position after them for ``iteration``; the state is not advanced yet."""
+            probe = TrainerState(epoch=state.epoch, position=state.position)
+            indices = next_batch(probe, len(train_dicts), config.rollout.prompts_per_iteration, config.run.seed)
+            problems = [train_dicts[i] for i in indices]
+            seeds = sampling_seeds(config.run.seed, iteration, problems)
+            return actors.start_rollout(problems, config.rollout.samples_per_prompt, seeds=seeds), (probe.epoch, probe.position)
+
         bar = tqdm(total=len(plan), initial=state.iteration, desc="SCoRe", unit="it", dynamic_ncols=True,
                    disable=not sys.stderr.isatty())
         durations: list[float] = []
+        prefetched = None  # rollout.overlap: the next iteration's generation, already running
+        learner_steps = actors.version  # weights the learner holds, counted like the generators' version
         while state.iteration < len(plan):
             iteration = state.iteration + 1
             stage = plan[state.iteration]
+            name = "I" if stage == 1 else "II"
             timings: dict[str, float] = {}
             start = time.monotonic()
 
-            bar.set_postfix_str(f"stage {'I' if stage == 1 else 'II'} | rollout")
-            indices = next_batch(state, len(train_dicts), config.rollout.prompts_per_iteration, config.run.seed)
-            problems = [train_dicts[i] for i in indices]
-            t = time.monotonic()
-            episodes = actors.rollout(problems, config.rollout.samples_per_prompt)
-            timings["perf/rollout_seconds"] = time.monotonic() - t
+            bar.set_postfix_str(f"stage {name} | rollout")
+            handle, position = prefetched if prefetched is not None else next_rollout(iteration)
+            prefetched = None
+            episodes, rollout_info = actors.finish_rollout(handle)
+            state.epoch, state.position = position
+            timings["perf/rollout_seconds"] = time.monotonic() - start
+            sync: dict[str, float] = {}
+            if overlap and iteration < len(plan):
+                # The generators take the learner's newest weights, then sample the next batch while the
+                # learner trains on this one (which came from the weights one step older).
+                if actors.version < learner_steps:
+                    sync = actors.sync_weights()
+                prefetched = next_rollout(iteration + 1)
 
-            bar.set_postfix_str(f"stage {'I' if stage == 1 else 'II'} | grading")
+            bar.set_postfix_str(f"stage {name} | grading")
             t = time.monotonic()
             r1, r2, graded = grade_episodes(actors.pool, episodes)
             timings["perf/grading_seconds"] = time.monotonic() - t
+            timings["perf/grading_compute_seconds"] = actors.pool.last_busy_seconds
+            alarm = grading_alarm(graded, config.reward.alarm_fraction)
+            if alarm:
+                print(f"score_ray: ALARM iteration {iteration}: {alarm}", file=sys.stderr, flush=True)
 
-            bar.set_postfix_str(f"stage {'I' if stage == 1 else 'II'} | reference")
+            bar.set_postfix_str(f"stage {name} | reference")
             t = time.monotonic()
             trained = [trained_positions(e) for e in episodes]  # the KL needs reference log-probs there only
             ref_logps = ray.get(actors.reference.sequence_logprobs.remote(
                 [e["x2"] + e["y2"] for e in episodes], trained, config.rollout.temperature
             ))
             timings["perf/reference_seconds"] = time.monotonic() - t
+            timings["perf/reference_compute_seconds"] = ray.get(actors.reference.last_call_seconds.remote())
 
+            t = time.monotonic()
             groups = [(e["problem"]["id"]) for e in episodes]
             kl_sums = [turn_kl_sums(e, ref) for e, ref in zip(episodes, ref_logps)]
             scored = algo.score_turns(
@@ -392,16 +646,25 @@ def run(config: Config, run_dir: Path) -> int:
                 kl_in_reward=config.algo.kl_in == "reward", kl1=[k[0] for k in kl_sums], kl2=[k[1] for k in kl_sums],
             )
             samples = build_samples(episodes, ref_logps, scored, tuple(config.algo.train_turns))
+            timings["perf/scoring_seconds"] = time.monotonic() - t
 
-            bar.set_postfix_str(f"stage {'I' if stage == 1 else 'II'} | learner")
+            bar.set_postfix_str(f"stage {name} | learner")
             t = time.monotonic()
-            learner_stats = {}
+            learner_stats: dict[str, float] = {}
+            off_policy = any(e["weight_version"] < learner_steps for e in episodes)
             for _ in range(config.algo.ppo_epochs if config.algo.estimator == "ppo" else 1):
-                learner_stats = actors.learner.train_step(samples)
+                learner_stats = actors.learner.train_step(samples, off_policy=off_policy)
             timings["perf/learner_seconds"] = time.monotonic() - t
+            timings["perf/learner_compute_seconds"] = learner_stats["seconds"]
+            learner_steps += 1
+            halt = account_step(state, learner_stats["applied"] > 0, config.learner.max_skipped_steps_in_row)
+            if learner_stats["applied"] <= 0:
+                print(f"score_ray: iteration {iteration}: non-finite loss or gradient, optimiser step skipped "
+                      f"({state.skipped_in_row} in a row, {state.skipped_steps} in all)", file=sys.stderr, flush=True)
 
-            bar.set_postfix_str(f"stage {'I' if stage == 1 else 'II'} | sync")
-            sync = actors.sync_weights()
+            if not overlap:
+                bar.set_postfix_str(f"stage {name} | sync")
+                sync = actors.sync_weights()
 
             state.iteration = iteration
             tokens = max(1.0, learner_stats["tokens"])
@@ -409,6 +672,7 @@ def run(config: Config, run_dir: Path) -> int:
             metrics: dict[str, Any] = {
                 "iteration": iteration,
                 "train/stage": stage,
+                "train/episodes": len(episodes),
                 **turn_metrics(episodes, ref_logps, r1, r2),
                 "train/shaped_reward_t2": sum(scored["reward2"]) / len(episodes),
                 "train/loss": learner_stats["loss"] / tokens,
@@ -417,23 +681,41 @@ def run(config: Config, run_dir: Path) -> int:
                 "train/clip_fraction": learner_stats["clipped"] / tokens,
                 "train/learner_entropy": learner_stats["entropy"] / tokens,
                 "train/grad_norm": learner_stats["grad_norm"],
+                "train/step_skipped": 0.0 if learner_stats["applied"] > 0 else 1.0,
+                "train/skipped_steps": float(state.skipped_steps),
+                "train/off_policy": float(off_policy),
                 "train/grader_timeouts": statuses.count("timeout") / len(statuses),
                 "train/grader_errors": statuses.count("error") / len(statuses),
+                "train/grader_alarm": 1.0 if alarm else 0.0,
                 **timings,
+                **rollout_info,
                 **sync,
                 "perf/learner_micro_batches": learner_stats["micro_batches"],
-                "perf/generated_tokens": float(episodes[0]["gen_tokens"]) if episodes else 0.0,
+                "perf/generated_tokens": float(sum(len(e["y1"]) + len(e["y2"]) for e in episodes)),
             }
-            if config.eval.every and iteration % config.eval.every == 0 and iteration < len(plan):
+            if config.eval.every and iteration % config.eval.every == 0 and iteration < len(plan) and halt is None:
                 bar.set_postfix_str("eval")
                 t = time.monotonic()
+                if actors.version < learner_steps:
+                    metrics.update(actors.sync_weights())  # overlap: the generators are one step behind
                 eval_metrics, eval_episodes = evaluate(actors, eval_dicts, f"eval @ {iteration}")
                 metrics.update({f"eval/{k}": v for k, v in eval_metrics.items() if k != "n"})
                 metrics["perf/eval_seconds"] = time.monotonic() - t
                 logger.log_samples(iteration, eval_episodes)
             metrics["perf/iteration_seconds"] = time.monotonic() - start
+            if not overlap:  # phases run one after another: what no phase computed is orchestration
+                compute = sum(metrics.get(k, 0.0) for k in (
+                    "perf/rollout_compute_seconds", "perf/grading_compute_seconds", "perf/reference_compute_seconds",
+                    "perf/scoring_seconds", "perf/learner_compute_seconds", "perf/sync_compute_seconds",
+                    "perf/eval_seconds"))
+                metrics["perf/orchestration_seconds"] = metrics["perf/iteration_seconds"] - compute
+                metrics["perf/orchestration_fraction"] = metrics["perf/orchestration_seconds"] / metrics["perf/iteration_seconds"]
+            metrics["perf/wall_time"] = time.time()
             state.rng_state = rng.getstate()
             logger.log(metrics)
+            if halt is not None:
+                folder = save_checkpoint(run_dir, actors.learner, state, config.checkpoint.keep)
+                raise TrainingHalted(f"{halt}. Checkpoint of the last good state: {folder}")
             if config.checkpoint.every and iteration % config.checkpoint.every == 0:
                 bar.set_postfix_str("checkpoint")
                 save_checkpoint(run_dir, actors.learner, state, config.checkpoint.keep)
@@ -442,11 +724,13 @@ def run(config: Config, run_dir: Path) -> int:
             durations.append(metrics["perf/iteration_seconds"])
             if not sys.stderr.isatty():
                 eta = sum(durations) / len(durations) * (len(plan) - iteration)
-                print(f"iteration {iteration}/{len(plan)} stage {'I' if stage == 1 else 'II'}: reward t1 "
+                print(f"iteration {iteration}/{len(plan)} stage {name}: reward t1 "
                       f"{metrics['train/reward_t1']:.3f} t2 {metrics['train/reward_t2']:.3f} "
                       f"({metrics['perf/iteration_seconds']:.0f}s, ETA {eta / 60:.1f} min + final eval)", flush=True)
         bar.close()
 
+        if actors.version < learner_steps:
+            actors.sync_weights()
         final_metrics, final_episodes = evaluate(actors, eval_dicts, "final eval")
         logger.log({"iteration": state.iteration, **{f"eval/{k}": v for k, v in final_metrics.items() if k != "n"}})
         logger.log_samples(state.iteration, final_episodes)
@@ -465,13 +749,18 @@ def run(config: Config, run_dir: Path) -> int:
             "base_eval": {f"eval/{k}": v for k, v in (state.base_eval or {}).items()},
             "final_model": str(final_dir),
             "eval_problems": len(eval_dicts),
+            "skipped_steps": state.skipped_steps,
+            "generator_restarts": actors.restarts,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plots = write_plots(run_dir)
         logger.finish({k: v for k, v in summary["final_eval"].items() if isinstance(v, float)})
+        logger = None
         print(table)
         print(f"run folder: {run_dir} (summary.json, metrics.jsonl, final_model/, "
               + ", ".join(p.name for p in plots) + ")", flush=True)
         return 0
     finally:
+        if logger is not None:  # stopped early: close the W&B run so what was logged is kept
+            logger.finish(exit_code=1)
         actors.shutdown()

@@ -120,6 +120,19 @@ def test_token_loss_ppo_clips_by_hand():
     assert logp.grad.tolist() == pytest.approx([0.0, 0.9])
 
 
+def test_token_loss_off_policy_importance_weights_are_truncated_by_hand():
+    old = torch.tensor([0.0, 0.0, 0.0])
+    logp = torch.log(torch.tensor([0.5, 3.0, 1.0])).requires_grad_(True)  # ratios pi/pi_old 0.5, 3 and 1
+    adv = torch.tensor([1.0, 1.0, -2.0])
+    zero = torch.zeros(3)
+    loss, stats = token_loss(logp, old, logp.detach(), adv, zero, torch.ones(3), "rloo", "k1", importance_cap=2.0)
+    # weights min(ratio, 2) = 0.5, 2, 1 (held constant): loss = -(0.5 ln .5 + 2 ln 3 + 1 * -2 * ln 1)
+    assert float(loss) == pytest.approx(-(0.5 * math.log(0.5) + 2.0 * math.log(3.0)))
+    assert stats["clipped"] == 1.0  # one token's ratio was truncated
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([-0.5, -2.0, 2.0])
+
+
 def test_unknown_names_are_errors():
     with pytest.raises(ValueError):
         turn_rewards(3, 0, 0, 1)

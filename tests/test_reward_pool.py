@@ -46,26 +46,75 @@ def test_pool_grades_in_input_order_with_every_reward_right(ray_local):
     assert all(r["status"] in ("correct", "wrong") and r["seconds"] >= 0 for r in results)
 
 
+SLOW_GOOD = "```python\nimport time\ntime.sleep(1)\ndef add(a, b):\n    return a + b\n```"
+SLOW_BAD = "```python\nimport time\ntime.sleep(1)\ndef add(a, b):\n    return a - b\n```"
+
+
+def slow_records(n):
+    """Alternating right and wrong programs, each taking a second: every reward is checkable by position."""
+    return [{"id": i, "kind": "code", "response": SLOW_GOOD if i % 2 == 0 else SLOW_BAD, "tests": TESTS}
+            for i in range(n)]
+
+
 @pytest.mark.slow
 def test_a_killed_reward_actor_is_restarted_and_its_chunk_retried(ray_local):
+    import threading
+
     import ray
 
     from score_ray.reward.pool import RewardPool
 
-    slow = "```python\nimport time\ntime.sleep(1)\ndef add(a, b):\n    return a + b\n```"
     pool = RewardPool(workers=1, cpus_per_worker=0.5, threads_per_worker=1, chunk_size=4)
-    records = [{"id": i, "kind": "code", "response": slow, "tests": TESTS} for i in range(8)]
+    records = slow_records(8)
     victim = pool.actors[0]
     ray.get(victim.ping.remote())
-
-    import threading
-
-    killer = threading.Timer(1.5, lambda: ray.kill(victim, no_restart=False))
+    killer = threading.Timer(1.5, lambda: ray.kill(victim, no_restart=False))  # mid-way through the first chunk
     killer.start()
     results = pool.grade(records)
     killer.join()
     pool.shutdown()
-    assert len(results) == 8 and all(r["status"] == "correct" for r in results)
+    # nothing lost, nothing counted twice: one result per record, each the reward of its own program
+    assert [r["reward"] for r in results] == [1.0, 0.0] * 4
+    assert [r["status"] for r in results] == ["correct", "wrong"] * 4
+
+
+@pytest.mark.slow
+def test_a_reward_actor_past_its_restarts_leaves_the_pool_and_its_chunk_goes_to_another(ray_local):
+    import threading
+
+    import ray
+
+    from score_ray.reward.pool import RewardPool
+
+    pool = RewardPool(workers=2, cpus_per_worker=0.5, threads_per_worker=1, chunk_size=2, max_restarts=0)
+    ray.get([actor.ping.remote() for actor in pool.actors])
+    victim = pool.actors[0]
+    killer = threading.Timer(1.5, lambda: ray.kill(victim, no_restart=False))
+    killer.start()
+    results = pool.grade(slow_records(8))
+    killer.join()
+    assert pool.lost_actors == 1 and len(pool.actors) == 1
+    assert [r["reward"] for r in results] == [1.0, 0.0] * 4
+    pool.shutdown()
+
+
+@pytest.mark.slow
+def test_grader_timeouts_and_errors_score_zero_and_raise_the_alarm(ray_local):
+    from score_ray.reward.pool import RewardPool
+    from score_ray.reward.sandbox import SandboxLimits
+    from score_ray.trainer import grading_alarm
+
+    pool = RewardPool(workers=1, cpus_per_worker=0.5, threads_per_worker=4, limits=SandboxLimits(wall_seconds=1.0))
+    hang = {"kind": "code", "response": "```python\nwhile True: pass\n```", "tests": TESTS}
+    crash = {"kind": "code", "response": GOOD}  # no tests: the grader reports an error, it does not raise
+    good = {"kind": "code", "response": GOOD, "tests": TESTS}
+    results = pool.grade([hang, crash, good, good])
+    pool.shutdown()
+    assert [r["status"] for r in results] == ["timeout", "error", "correct", "correct"]
+    assert [r["reward"] for r in results] == [0.0, 0.0, 1.0, 1.0]
+    message = grading_alarm(results, threshold=0.25)
+    assert message is not None and message.startswith("50% of 4 grades failed (timeout 1, error 1")
+    assert grading_alarm(results, threshold=0.5) is None
 
 
 @pytest.mark.slow

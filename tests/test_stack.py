@@ -118,3 +118,35 @@ def test_learner_ranks_hold_identical_weights(stack):
     probe = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
     per_rank = ray.get([worker.sequence_logprobs.remote(probe) for worker in group.workers])
     assert np.allclose(per_rank[0], per_rank[1], atol=1e-6)
+
+
+def test_a_non_finite_step_is_skipped_counted_and_the_last_good_state_checkpointed(stack, tmp_path):
+    """NaN advantages make a NaN loss and gradient: DeepSpeed drops the step (weights and Adam state kept),
+    the trainer counts it, and the limit in a row checkpoints the last good weights and stops."""
+    import math
+
+    import ray
+
+    from score_ray.trainer import TrainerState, account_step, load_state, resumable_checkpoints, save_checkpoint
+
+    config, generator, reference, group = stack
+    episodes = ray.get(generator.generate.remote(problems(config, 2), 2))
+    refs = ray.get(reference.sequence_logprobs.remote([e["x2"] + e["y2"] for e in episodes]))
+    good_weights = group.weights_payload()
+    state, limit, message = TrainerState(iteration=7), 3, None
+    for _ in range(limit):
+        stats = group.train_step([sample_for(e, r, float("nan")) for e, r in zip(episodes, refs)])
+        assert stats["applied"] == 0.0 and not math.isfinite(stats["loss"])
+        assert group.weights_payload() == good_weights  # byte for byte: nothing was applied
+        message = account_step(state, applied=False, limit=limit)
+    assert state.skipped_steps == 3 and "3 optimiser steps in a row" in message
+    assert "learner.max_skipped_steps_in_row=3" in message
+    folder = save_checkpoint(tmp_path, group, state, keep=1)
+    # A finite step is applied again after the skips, and moves the weights ...
+    stats = group.train_step([sample_for(e, r, 1.0) for e, r in zip(episodes, refs)])
+    assert stats["applied"] == 1.0 and group.weights_payload() != good_weights
+    assert account_step(state, applied=True, limit=limit) is None and state.skipped_in_row == 0
+    # ... and the checkpoint written at the stop holds the last good weights.
+    assert resumable_checkpoints(tmp_path)[0] == [folder] and load_state(folder).skipped_steps == 3
+    group.load_checkpoint(str(folder / "deepspeed"), tag="state")
+    assert group.weights_payload() == good_weights

@@ -15,50 +15,164 @@ PERF_KEYS = ["perf/rollout_seconds", "perf/grading_seconds", "perf/reference_sec
              "perf/sync_seconds", "perf/iteration_seconds"]
 
 
-def test_smoke_run_writes_every_metric_and_resumes_at_the_right_iteration(tmp_path):
-    common = ["--config", "configs/smoke.yaml", f"run.output_dir={tmp_path}", "eval.at_start=true", "eval.every=1",
-              "data.eval.count=8", "checkpoint.every=1", "checkpoint.keep=2"]
-    first = run_module("score_ray.launch", *common, timeout=900)
-    assert first.returncode == 0, first.stderr[-4000:]
-    (run_dir,) = list(tmp_path.glob("smoke-*"))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+# Three iterations (Stage I, then II twice) with an eval after each and a checkpoint after each. The random
+# model earns no reward, so the k1 KL estimator (a non-zero gradient even at pi = ref) and a large step make
+# the weights move: later iterations' KL then depends on every weight sync and checkpoint being right.
+COMMON = ["--config", "configs/smoke.yaml", "eval.at_start=true", "eval.every=1", "data.eval.count=8",
+          "checkpoint.every=1", "checkpoint.keep=2", "algo.schedule.stage2_iterations=2", "algo.kl_estimator=k1",
+          "learner.lr=1e-3"]
+COMPARED = TRAIN_KEYS + ["train/loss", "train/pg_loss", "train/kl_loss", "train/grad_norm", "train/i2c", "train/c2i"]
+
+
+def read_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    result = run_module("score_ray.launch", *COMMON, f"run.output_dir={root}", timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run_dir,) = list(root.glob("smoke-*"))
+    return run_dir, result
+
+
+def test_smoke_run_writes_every_metric(uninterrupted, tmp_path):
+    run_dir, first = uninterrupted
+    rows = read_rows(run_dir)
     train_rows = [r for r in rows if "train/stage" in r]
-    assert [r["iteration"] for r in train_rows] == [1, 2]
-    assert [r["train/stage"] for r in train_rows] == [1, 2]  # Stage I, then Stage II
+    assert [r["iteration"] for r in train_rows] == [1, 2, 3]
+    assert [r["train/stage"] for r in train_rows] == [1, 2, 2]  # Stage I, then Stage II
+    assert train_rows[0]["train/kl_t1"] < 1e-6 < 1e-3 < train_rows[2]["train/kl_t1"]  # the weights moved
     for row in train_rows:
         assert all(key in row for key in TRAIN_KEYS + PERF_KEYS), sorted(set(TRAIN_KEYS + PERF_KEYS) - set(row))
+        assert row["train/episodes"] == 8 and row["perf/rollout_retries"] == 0 and row["train/step_skipped"] == 0
     eval_rows = [r for r in rows if "eval/acc_t1" in r]
-    assert len(eval_rows) >= 2  # base (iteration 0) and final
+    assert [r["iteration"] for r in eval_rows] == [0, 1, 2, 3]  # base, after each iteration but the last, final
     for row in eval_rows:
         assert all(0.0 <= row[key] + (1.0 if key.startswith("eval/delta") else 0.0) <= 2.0 for key in EVAL_KEYS)
         assert row["eval/delta"] == pytest.approx(row["eval/acc_t2"] - row["eval/acc_t1"])
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["iterations"] == 2 and all(key in summary["final_eval"] for key in EVAL_KEYS)
+    assert summary["iterations"] == 3 and all(key in summary["final_eval"] for key in EVAL_KEYS)
+    assert summary["skipped_steps"] == 0 and summary["generator_restarts"] == 0
     assert (run_dir / "final_model" / "model.safetensors").is_file()
     assert (run_dir / "eval_accuracy.png").is_file() and (run_dir / "train_rewards.png").is_file()
     assert "Acc@t1" in first.stdout and "Delta_c->i" in first.stdout
-    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["iter-000001", "iter-000002"]
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["iter-000002", "iter-000003"]
 
     from score_ray.tracking import read_wandb_history
 
     history = read_wandb_history(run_dir)
-    assert [h["iteration"] for h in history if "train/reward_t1" in h] == [1, 2]
+    assert [h["iteration"] for h in history if "train/reward_t1" in h] == [1, 2, 3]
     assert any("eval/acc_t2" in h for h in history)
-
-    # Resume: one more Stage II iteration continues from the last checkpoint at iteration 3.
-    second = run_module("score_ray.launch", *common, "run.resume=true", "algo.schedule.stage2_iterations=2", timeout=900)
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert "resumed from iter-000002: iteration 2" in second.stdout
-    assert list(tmp_path.glob("smoke-*")) == [run_dir]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows if "train/stage" in r] == [1, 2, 3]
-    assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 3
 
     # The eval CLI on the run folder prints the five metrics.
     evaluated = run_module("score_ray.eval", str(run_dir), "--n", "4", "--output", str(tmp_path / "eval.json"), timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     assert re.search(r"Acc@t1\s+Acc@t2\s+Delta\(t1,t2\)\s+Delta_i->c\s+Delta_c->i", evaluated.stdout)
     assert json.loads((tmp_path / "eval.json").read_text())["eval/n"] == 4
+
+
+def kill_tree(process) -> None:
+    """SIGKILL a process and everything it started (the driver and its local Ray: a lost head node)."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    family = parent.children(recursive=True) + [parent]
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_a_driver_killed_mid_iteration_resumes_to_the_same_metrics(uninterrupted, tmp_path):
+    """SIGKILL the driver (and its Ray) in iteration 3, right after checkpoint 2; resume; the metrics of
+    every iteration equal the uninterrupted run's (same seed: sampling seeds are per problem and iteration,
+    the learner's weights and Adam state come back from the checkpoint)."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    reference_rows = read_rows(uninterrupted[0])
+    process = subprocess.Popen([sys.executable, "-m", "score_ray.launch", *COMMON, f"run.output_dir={tmp_path}"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    marker = None
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list(tmp_path.glob("smoke-*/checkpoints/iter-000002/COMPLETE"))
+        if found:
+            marker = found[0]
+            break
+        time.sleep(0.02)
+    assert marker is not None, "the run never wrote checkpoint 2"
+    kill_tree(process)
+    run_dir = marker.parents[2]
+    assert not (run_dir / "summary.json").exists()  # it really died before finishing
+
+    resumed = run_module("score_ray.launch", *COMMON, f"run.output_dir={tmp_path}", "run.resume=true", timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from iter-000002: iteration 2" in resumed.stdout
+    rows = read_rows(run_dir)
+    train = {r["iteration"]: r for r in rows if "train/stage" in r}
+    expected = {r["iteration"]: r for r in reference_rows if "train/stage" in r}
+    assert sorted(train) == [1, 2, 3]  # iteration 3 once, though it had started before the kill
+    for iteration in (1, 2, 3):
+        for key in COMPARED:
+            assert train[iteration][key] == pytest.approx(expected[iteration][key], rel=1e-4, abs=1e-6), (iteration, key)
+    final = [r for r in rows if "eval/acc_t1" in r][-1]
+    final_expected = [r for r in reference_rows if "eval/acc_t1" in r][-1]
+    assert {k: final[k] for k in EVAL_KEYS} == {k: final_expected[k] for k in EVAL_KEYS}
+
+
+def test_a_generator_killed_mid_rollout_is_restarted_resynced_and_its_share_redone(uninterrupted, tmp_path):
+    """SIGKILL the vLLM generator's process while it generates iteration 2 (after checkpoint 1): Ray restarts
+    it, the trainer re-syncs the current weights and redoes the share; with per-problem seeds the redone
+    iteration equals the uninterrupted run's, which it would not on the restarted engine's base weights."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import ROOT
+
+    process = subprocess.Popen([sys.executable, "-m", "score_ray.launch", *COMMON, f"run.output_dir={tmp_path}"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    killed = None
+    deadline = time.monotonic() + 600
+    try:
+        while killed is None and time.monotonic() < deadline and process.poll() is None:
+            if list(tmp_path.glob("smoke-*/checkpoints/iter-000001/COMPLETE")):
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    try:
+                        if child.cmdline()[:1] == ["ray::GeneratorActor.generate"]:
+                            child.kill()
+                            killed = child.pid
+                            break
+                    except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+                        continue
+            time.sleep(0.01)
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            kill_tree(process)
+    assert killed is not None, "never saw the generator generating after checkpoint 1"
+    assert process.returncode == 0, stderr[-4000:]
+    assert "generator 0 died" in stderr and "weights re-synced (version 1)" in stderr
+    (run_dir,) = list(tmp_path.glob("smoke-*"))
+    train = {r["iteration"]: r for r in read_rows(run_dir) if "train/stage" in r}
+    expected = {r["iteration"]: r for r in read_rows(uninterrupted[0]) if "train/stage" in r}
+    assert [train[i]["perf/rollout_retries"] for i in (1, 2, 3)] == [0, 1, 0]
+    assert all(train[i]["train/episodes"] == 8 for i in (1, 2, 3))
+    for iteration in (2, 3):
+        for key in COMPARED:
+            assert train[iteration][key] == pytest.approx(expected[iteration][key], rel=1e-4, abs=1e-6), (iteration, key)
+    assert json.loads((run_dir / "summary.json").read_text())["generator_restarts"] == 1
 
 
 def test_a_cluster_without_the_requested_gpus_fails_in_seconds(tmp_path):

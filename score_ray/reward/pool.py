@@ -3,11 +3,15 @@
 Each RewardActor holds a Grader (its own sandbox runs and math judge processes)
 and takes a fractional CPU share. The pool hands out small chunks and keeps every
 actor busy (a slow chunk does not hold up the others), and returns results in the
-order of the input. Actors restart when they die and their chunk is retried.
+order of the input. Actors restart when they die (Ray re-runs the lost chunk on the
+restarted actor); an actor past its restarts leaves the pool and its chunk goes to
+another. Each chunk's results are written once, at its input positions, so nothing
+is lost or counted twice.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional
 
 import ray
@@ -16,13 +20,17 @@ from score_ray.reward import Grader
 from score_ray.reward.sandbox import SandboxLimits
 
 
-@ray.remote(max_restarts=3, max_task_retries=3)
+@ray.remote
 class RewardActor:
     def __init__(self, limits: SandboxLimits, math_timeout_s: float, threads: int):
         self.grader = Grader(limits, math_timeout_s, threads)
 
     def grade(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.grader.grade(records)
+
+    def timed_grade(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
+        start = time.monotonic()
+        return self.grader.grade(records), time.monotonic() - start
 
     def ping(self) -> bool:
         return True
@@ -37,10 +45,14 @@ class RewardPool:
         limits: SandboxLimits = SandboxLimits(),
         math_timeout_s: float = 5.0,
         chunk_size: int = 8,
+        max_restarts: int = 3,
     ):
         self.chunk_size = chunk_size
+        self.lost_actors = 0
+        self.last_busy_seconds = 0.0
         self.actors = [
-            RewardActor.options(num_cpus=cpus_per_worker, name=None).remote(limits, math_timeout_s, threads_per_worker)
+            RewardActor.options(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=max_restarts)
+            .remote(limits, math_timeout_s, threads_per_worker)
             for _ in range(workers)
         ]
 
@@ -52,6 +64,7 @@ class RewardPool:
             threads_per_worker=reward_config.threads_per_worker,
             limits=SandboxLimits.from_config(reward_config.sandbox),
             math_timeout_s=reward_config.math_timeout_s,
+            max_restarts=reward_config.max_restarts,
         )
 
     def grade(
@@ -60,6 +73,7 @@ class RewardPool:
         """Grade all records; ``on_progress(n)`` is called as each chunk of n finishes."""
         chunks = [(start, records[start : start + self.chunk_size]) for start in range(0, len(records), self.chunk_size)]
         results: list[Optional[dict[str, Any]]] = [None] * len(records)
+        busy: dict[Any, float] = {}  # seconds each actor spent grading (its own clock)
         pending: dict[Any, tuple[int, int, Any]] = {}
         idle = list(self.actors)
         queue = list(reversed(chunks))
@@ -67,13 +81,24 @@ class RewardPool:
             while queue and idle:
                 start, chunk = queue.pop()
                 actor = idle.pop()
-                pending[actor.grade.remote(chunk)] = (start, len(chunk), actor)
+                pending[actor.timed_grade.remote(chunk)] = (start, len(chunk), actor)
             done, _ = ray.wait(list(pending), num_returns=1)
             start, size, actor = pending.pop(done[0])
-            results[start : start + size] = ray.get(done[0])
+            try:
+                graded, seconds = ray.get(done[0])
+            except ray.exceptions.RayActorError:  # past its restarts: drop it, hand the chunk to another
+                self.actors = [a for a in self.actors if a != actor]
+                self.lost_actors += 1
+                if not self.actors:
+                    raise RuntimeError("every reward actor died (reward.max_restarts exhausted); see the actors' logs")
+                queue.append((start, records[start : start + size]))
+                continue
+            results[start : start + size] = graded
+            busy[actor] = busy.get(actor, 0.0) + seconds
             idle.append(actor)
             if on_progress:
                 on_progress(size)
+        self.last_busy_seconds = max(busy.values(), default=0.0)  # the busiest actor: the phase's compute
         return results  # type: ignore[return-value]
 
     def shutdown(self) -> None:
