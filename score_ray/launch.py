@@ -36,7 +36,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def run_dir_for(config: Config) -> Path:
     """A new run folder, or with run.resume=true the newest folder of this run name that has a checkpoint."""
-    root = Path(config.run.output_dir)
+    # Absolute: inside `ray job submit` the working directory is a temporary copy that Ray deletes later.
+    root = Path(config.run.output_dir).expanduser().resolve()
     if config.run.resume:
         from score_ray.trainer import checkpoint_folders
 

@@ -61,12 +61,20 @@ class MetricsLogger:
             )
         self.run.log({"iteration": iteration, "eval/samples": table})
 
-    def finish(self, summary: Optional[dict[str, Any]] = None) -> None:
+    def finish(self, summary: Optional[dict[str, Any]] = None, exit_code: int = 0) -> None:
         if self.run is not None:
             if summary:
                 for key, value in summary.items():
                     self.run.summary[key] = value
-            self.run.finish()
+            offline = self.run.settings.mode == "offline"
+            sync_file = Path(self.run.settings.sync_file)
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+            if offline:
+                # wandb's service can still be writing the offline log when finish() returns (seen with
+                # wandb 0.31 on a loaded machine): wait for its exit record so the run folder is complete
+                # for readers and `wandb sync`.
+                wait_for_offline_run(sync_file)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -121,36 +129,105 @@ def write_plots(run_dir: Path) -> list[Path]:
     return written
 
 
+def _records_in(file: Path):
+    """The protobuf records of one ``.wandb`` file: LevelDB's log format (32 KiB blocks, 7-byte headers)."""
+    import struct
+
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(file).read_bytes()
+    position, block, pieces = 7, 32768, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # block trailer padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        payload = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 0:
+            continue
+        pieces = payload if kind in (1, 2) else pieces + payload
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record()
+        try:
+            record.ParseFromString(pieces)
+        except DecodeError:  # the tail of a log still being written
+            return
+        yield record
+
+
+def _wandb_records(run_dir: Path):
+    """Every protobuf record of the offline W&B run(s) in ``run_dir/wandb``, in order, read with wandb's own types."""
+    for file in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        yield from _records_in(file)
+
+
+def wait_for_offline_run(sync_file: Path, timeout: float = 60.0) -> bool:
+    """Wait until an offline run's ``.wandb`` log holds its exit record (the run is completely written)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if Path(sync_file).exists() and any(r.WhichOneof("record_type") == "exit" for r in _records_in(sync_file)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
 def read_wandb_history(run_dir: Path) -> list[dict[str, Any]]:
     """The history rows of an offline W&B run in ``run_dir/wandb``, read with wandb's own record types.
 
-    An offline run's ``.wandb`` file is a log of protobuf records in LevelDB's log format
-    (32 KiB blocks, 7-byte record headers); this lets tests and users check what was logged
-    without a W&B server.
+    This lets tests and users check what was logged without a W&B server.
     """
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     rows: list[dict[str, Any]] = []
-    for file in files:
-        data = file.read_bytes()
-        position, block, pieces = 7, 32768, b""
-        while position + 7 <= len(data):
-            if block - position % block < 7:  # block trailer padding
-                position += block - position % block
-                continue
-            _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-            payload = data[position + 7 : position + 7 + length]
-            position += 7 + length
-            if kind == 0:
-                continue
-            pieces = payload if kind in (1, 2) else pieces + payload
-            if kind not in (1, 4):
-                continue
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pieces)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item})
+    for record in _wandb_records(run_dir):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({_item_key(item): json.loads(item.value_json) for item in record.history.item})
     return rows
+
+
+def read_wandb_run(run_dir: Path) -> dict[str, Any]:
+    """What an offline W&B run in ``run_dir/wandb`` recorded about itself, without a W&B server.
+
+    Returns ``id``, ``project``, ``entity``, ``name``, ``group``, ``tags`` (from the run record),
+    ``config`` (the run record's config with later config updates applied; nested dicts as logged),
+    ``summary`` (the last summary record's values) and ``step_metrics`` (``define_metric``: metric name
+    or glob -> its step metric). Empty dict when no run record exists.
+    """
+    run: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    step_metrics: dict[str, str] = {}
+
+    def apply(update) -> None:
+        for item in update.update:
+            config[_item_key(item)] = json.loads(item.value_json)
+        for item in update.remove:
+            config.pop(_item_key(item), None)
+
+    for record in _wandb_records(run_dir):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run = {"id": r.run_id, "project": r.project, "entity": r.entity, "name": r.display_name,
+                   "group": r.run_group, "tags": list(r.tags)}
+            apply(r.config)
+        elif kind == "config":
+            apply(record.config)
+        elif kind == "summary":
+            for item in record.summary.update:
+                summary[_item_key(item)] = json.loads(item.value_json)
+        elif kind == "metric" and not record.metric.expanded_from_glob:
+            metric = record.metric
+            step_metrics[metric.glob_name or metric.name] = metric.step_metric
+    if not run:
+        return {}
+    config.pop("_wandb", None)  # wandb's own bookkeeping, not the run's config
+    return {**run, "config": config, "summary": summary, "step_metrics": step_metrics}

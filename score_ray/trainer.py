@@ -396,8 +396,12 @@ class Run:
             model_path, learner.cpus_per_rank, config.model.dtype
         )
         self.pool = RewardPool.from_config(config.reward)
+        # An autoscaling cluster adds GPU nodes in minutes: wait for the placement group that long.
+        timeout = config.cluster.resource_timeout_s
+        if os.environ.get("SCORE_RAY_AUTOSCALING"):
+            timeout = max(timeout, 1800.0)
         self.learner = LearnerGroup(model_path, learner, config.algo, config.run.seed, config.model.dtype,
-                                    config.cluster.resource_timeout_s, temperature=rollout.temperature)
+                                    timeout, temperature=rollout.temperature)
         ready = [g.ready.remote() for g in self.generators] + [self.reference.ready.remote()]
         done, pending = ray.wait(ready, num_returns=len(ready), timeout=max(600.0, config.cluster.resource_timeout_s))
         if pending:
