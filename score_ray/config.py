@@ -278,6 +278,10 @@ class LearnerConfig(_Strict):
     trainable_top_layers: int = Field(2, ge=1)
     cpus_per_rank: float = Field(1.0, gt=0.0)
     gpus_per_rank: float = Field(0.0, ge=0.0)
+    reference_gpus: Optional[float] = Field(
+        None, ge=0.0, description="the frozen reference's GPU share (default gpus_per_rank); e.g. ranks 0.8 + "
+        "reference 0.2 colocate it on a learner GPU"
+    )
     max_skipped_steps_in_row: int = Field(
         3, ge=1, description="non-finite loss/gradient steps skipped in a row before the run stops"
     )

@@ -130,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_CONFIG
     try:
         preflight(config)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: missing files, and a hub that cannot be reached
         print(f"score_ray: preflight failed: {err}", file=sys.stderr)
         return EXIT_PREFLIGHT
     if args.check:

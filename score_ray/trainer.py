@@ -327,11 +327,17 @@ def _ray_init(config: Config) -> None:
     ray.init(num_cpus=max(int(math.ceil(needed)), os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
 
 
+def reference_gpus(config: Config) -> float:
+    share = config.learner.reference_gpus
+    return config.learner.gpus_per_rank if share is None else share
+
+
 def resource_needs(config: Config) -> dict[str, float]:
     """What the run's actors ask Ray for, summed."""
     rollout, learner = config.rollout, config.learner
     return {
-        "GPU": rollout.num_generators * rollout.gpus_per_generator + (learner.num_ranks + 1) * learner.gpus_per_rank,
+        "GPU": rollout.num_generators * rollout.gpus_per_generator + learner.num_ranks * learner.gpus_per_rank
+        + reference_gpus(config),
         "CPU": rollout.num_generators * rollout.cpus_per_generator + (learner.num_ranks + 1) * learner.cpus_per_rank
         + config.reward.workers * config.reward.cpus_per_worker,
     }
@@ -348,7 +354,8 @@ def check_resources(config: Config) -> None:
     if needs["GPU"] > total.get("GPU", 0.0):
         raise RuntimeError(
             f"this run needs {needs['GPU']:g} GPUs (rollout.num_generators x rollout.gpus_per_generator + "
-            f"(learner.num_ranks + 1) x learner.gpus_per_rank) but the cluster has {total.get('GPU', 0.0):g}; "
+            f"learner.num_ranks x learner.gpus_per_rank + learner.reference_gpus) but the cluster has "
+            f"{total.get('GPU', 0.0):g}; "
             "on an autoscaling cluster set SCORE_RAY_AUTOSCALING=1 to wait for nodes instead"
         )
     if needs["CPU"] > total.get("CPU", 0.0):
@@ -392,7 +399,7 @@ class Run:
             )
             for index in range(rollout.num_generators)
         ]
-        self.reference = ReferenceActor.options(num_cpus=learner.cpus_per_rank, num_gpus=learner.gpus_per_rank).remote(
+        self.reference = ReferenceActor.options(num_cpus=learner.cpus_per_rank, num_gpus=reference_gpus(config)).remote(
             model_path, learner.cpus_per_rank, config.model.dtype
         )
         self.pool = RewardPool.from_config(config.reward)
@@ -764,6 +771,9 @@ def run(config: Config, run_dir: Path) -> int:
         print(f"run folder: {run_dir} (summary.json, metrics.jsonl, final_model/, "
               + ", ".join(p.name for p in plots) + ")", flush=True)
         return 0
+    except ray.exceptions.RayActorError as err:  # a learner rank or the reference: the group cannot go on
+        raise RuntimeError(f"an actor died ({str(err).splitlines()[0][:300]}); the run stops here: resume it "
+                           "with run.resume=true from the last checkpoint") from err
     finally:
         if logger is not None:  # stopped early: close the W&B run so what was logged is kept
             logger.finish(exit_code=1)
