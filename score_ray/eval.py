@@ -54,7 +54,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 3
     problems = problems[: args.n] if args.n else problems
     print(f"{report.source}: evaluating {len(problems)} problems with {path}", flush=True)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    # "local": a Ray of our own unless RAY_ADDRESS names one (never a stray local cluster of another program)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
                                        num_gpus=config.rollout.gpus_per_generator).remote(
         path, config.rollout.model_dump(), config.prompts.model_dump(), config.run.seed, config.model.dtype

@@ -74,7 +74,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from score_ray.reward.pool import RewardPool
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
+    # "local": a Ray of our own unless RAY_ADDRESS names one (never a stray local cluster of another program)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False, include_dashboard=False)
     start = time.monotonic()
     pool = RewardPool.from_config(config)
     valid = [record for record in records if "_invalid" not in record]

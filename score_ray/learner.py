@@ -239,6 +239,15 @@ class LearnerWorker:
                 tensors[name] = tensor.to(getattr(torch, dtype)).cpu().contiguous()
         return (save(tensors), time.monotonic() - start) if self.rank == 0 else None
 
+    def publish_weights(self, dtype: str = "float32") -> Optional[tuple[list, int, float]]:
+        """Rank 0 puts the payload in the object store itself and returns ([ref], bytes, seconds): the
+        generators fetch it from here, one copy fewer than a round trip through the driver."""
+        built = self.weights_payload(dtype)
+        if built is None:
+            return None
+        payload, seconds = built
+        return [ray.put(payload)], len(payload), seconds
+
     def node_address(self) -> str:
         return ray.util.get_node_ip_address()
 
@@ -383,6 +392,11 @@ class LearnerGroup:
         """(rank 0's safetensors bytes, seconds spent building them inside the actor)."""
         payloads = ray.get([w.weights_payload.remote(dtype) for w in self.workers])
         return payloads[0]
+
+    def publish_weights(self, dtype: str = "float32") -> tuple[Any, int, float]:
+        """(ObjectRef of rank 0's safetensors payload, its size in bytes, seconds spent building it)."""
+        published = ray.get([w.publish_weights.remote(dtype) for w in self.workers])[0]
+        return published[0][0], published[1], published[2]
 
     def connect_nccl(self, generators: list, tensor_parallel_size: int, dtype: str) -> None:
         """GPU: one vLLM NCCL transfer group per engine, each on its own port (score_ray.weight_sync_gpu)."""

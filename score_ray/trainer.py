@@ -323,8 +323,10 @@ def _ray_init(config: Config) -> None:
         + (config.learner.num_ranks + 1) * config.learner.cpus_per_rank
         + config.reward.workers * config.reward.cpus_per_worker
     )
-    # Logical CPUs: actors take fractional shares of what a small machine really has.
-    ray.init(num_cpus=max(int(math.ceil(needed)), os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    # Logical CPUs: actors take fractional shares of what a small machine really has. address="local":
+    # a cluster of our own, even when another local Ray (e.g. from `ray start`) is running on this machine.
+    ray.init(address="local", num_cpus=max(int(math.ceil(needed)), os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False)
 
 
 def reference_gpus(config: Config) -> float:
@@ -499,12 +501,11 @@ class Run:
             self.version += 1
             seconds = time.monotonic() - start
             return {"perf/sync_seconds": seconds, "perf/sync_compute_seconds": seconds}
-        payload, build_seconds = self.learner.timed_weights_payload()
-        self.weights_ref = ray.put(payload)
+        self.weights_ref, size, build_seconds = self.learner.publish_weights()
         self.version += 1
         results = ray.get([g.update_weights.remote(self.weights_ref, self.version) for g in self.generators])
         load = max(r["seconds"] for r in results)
-        return {"perf/sync_seconds": time.monotonic() - start, "perf/sync_mb": len(payload) / 1e6,
+        return {"perf/sync_seconds": time.monotonic() - start, "perf/sync_mb": size / 1e6,
                 "perf/sync_load_seconds": load, "perf/sync_compute_seconds": build_seconds + load}
 
     def shutdown(self) -> None:

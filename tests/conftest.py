@@ -39,6 +39,6 @@ def ray_local():
     """One local Ray instance for the session's tests (4 logical CPUs, so fractional actors fit)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

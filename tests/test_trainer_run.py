@@ -175,6 +175,24 @@ def test_a_generator_killed_mid_rollout_is_restarted_resynced_and_its_share_redo
     assert json.loads((run_dir / "summary.json").read_text())["generator_restarts"] == 1
 
 
+def test_overlap_mode_generates_one_step_ahead_and_trains_off_policy(uninterrupted, tmp_path):
+    """rollout.overlap=true: iteration k+1 is sampled (from the weights before step k) while the learner
+    trains on k. Iteration 1 equals the synchronous run's; iteration 2's samples come from the base weights,
+    so their KL to the reference is ~0 where the synchronous run's is not."""
+    result = run_module("score_ray.launch", *COMMON, f"run.output_dir={tmp_path}", "rollout.overlap=true",
+                        "eval.every=0", "eval.at_start=false", timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run_dir,) = list(tmp_path.glob("smoke-*"))
+    train = {r["iteration"]: r for r in read_rows(run_dir) if "train/stage" in r}
+    expected = {r["iteration"]: r for r in read_rows(uninterrupted[0]) if "train/stage" in r}
+    assert [train[i]["train/off_policy"] for i in (1, 2, 3)] == [0.0, 1.0, 1.0]
+    for key in COMPARED:
+        assert train[1][key] == pytest.approx(expected[1][key], rel=1e-4, abs=1e-6), key
+    assert train[2]["train/kl_t1"] < 1e-6 < 1e-4 < expected[2]["train/kl_t1"]
+    assert train[3]["train/kl_t1"] > 1e-4  # the generators did receive step 1's weights before iteration 3
+    assert all(train[i]["train/step_skipped"] == 0.0 for i in (1, 2, 3))
+
+
 def test_a_cluster_without_the_requested_gpus_fails_in_seconds(tmp_path):
     import time
 
