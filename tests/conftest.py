@@ -34,6 +34,20 @@ def run_module(*args: str, timeout: float = 600, env: dict | None = None) -> sub
     )
 
 
+def kill_tree(process) -> None:
+    """SIGKILL a process and everything it started (the driver and its local Ray: a lost head node)."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    family = parent.children(recursive=True) + [parent]
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the session's tests (4 logical CPUs, so fractional actors fit)."""

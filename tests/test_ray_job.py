@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, kill_tree
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -25,8 +25,6 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A head node of its own (its own ports, stopped by killing only its processes: other tests' Ray lives on)."""
-    import psutil
-
     # Ray 2.60 turns token auth on for a head when a token exists; the CLI must then send it.
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     # Every port its own: another local Ray (the session's test cluster) holds the default agent ports.
@@ -53,13 +51,7 @@ def head(tmp_path_factory):
             time.sleep(2)
         yield address, env
     finally:
-        family = psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]
-        for member in family:
-            try:
-                member.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=30)
+        kill_tree(process)
         log.close()
 
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import run_module
+from conftest import kill_tree, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -71,20 +71,6 @@ def test_smoke_run_writes_every_metric(uninterrupted, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-4000:]
     assert re.search(r"Acc@t1\s+Acc@t2\s+Delta\(t1,t2\)\s+Delta_i->c\s+Delta_c->i", evaluated.stdout)
     assert json.loads((tmp_path / "eval.json").read_text())["eval/n"] == 4
-
-
-def kill_tree(process) -> None:
-    """SIGKILL a process and everything it started (the driver and its local Ray: a lost head node)."""
-    import psutil
-
-    parent = psutil.Process(process.pid)
-    family = parent.children(recursive=True) + [parent]
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
 
 
 def test_a_driver_killed_mid_iteration_resumes_to_the_same_metrics(uninterrupted, tmp_path):
