@@ -21,19 +21,29 @@ class MetricsLogger:
 
             run_id_file = run_dir / "wandb_run_id"
             run_id = run_id_file.read_text().strip() if resume and run_id_file.exists() else uuid.uuid4().hex[:8]
-            run_id_file.write_text(run_id)
-            self.run = wandb.init(
+            settings = dict(
                 project=logging_config.project,
                 entity=logging_config.entity,
                 group=logging_config.group,
                 tags=logging_config.tags,
                 name=f"{config.run.name}-{run_dir.name}",
-                id=run_id,
                 resume="allow",
                 mode=logging_config.wandb,
                 dir=str(run_dir),
                 config=config.model_dump(mode="json"),
             )
+            try:
+                self.run = wandb.init(id=run_id, **settings)
+            except Exception as err:  # noqa: BLE001 - wandb raises its own error types
+                if "in use" not in str(err):
+                    raise
+                # A W&B service shared through WANDB_SERVICE still holds the killed driver's stream for this
+                # id: log to a new run of the same name and group (metrics.jsonl stays the complete record).
+                run_id = uuid.uuid4().hex[:8]
+                print(f"score_ray: W&B run {run_id_file.read_text().strip()} is still held by a dead process; "
+                      f"logging to new run {run_id}", flush=True)
+                self.run = wandb.init(id=run_id, **settings)
+            run_id_file.write_text(run_id)
             # Every chart shares the iteration axis.
             self.run.define_metric("iteration")
             for prefix in ("train/*", "eval/*", "perf/*"):

@@ -22,6 +22,14 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
+def child_env(extra: dict | None = None) -> dict:
+    """The environment for a program a test starts, as a user's shell would give it: without the W&B
+    service address that wandb exports into this process once a test here has used it (a child would
+    share that service instead of starting its own)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    return {**clean, **(extra or {})}
+
+
 def run_module(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m ...`` from the project root, as a user would."""
     return subprocess.run(
@@ -30,7 +38,7 @@ def run_module(*args: str, timeout: float = 600, env: dict | None = None) -> sub
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=child_env(env),
     )
 
 

@@ -1,7 +1,6 @@
 """`ray job submit` against a real local Ray head, as users run it on a cluster."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, kill_tree
+from conftest import ROOT, child_env, kill_tree
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -26,7 +25,7 @@ def free_port() -> int:
 def head(tmp_path_factory):
     """A head node of its own (its own ports, stopped by killing only its processes: other tests' Ray lives on)."""
     # Ray 2.60 turns token auth on for a head when a token exists; the CLI must then send it.
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env = child_env({"RAY_AUTH_MODE": "token"})
     # Every port its own: another local Ray (the session's test cluster) holds the default agent ports.
     gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = (free_port() for _ in range(7))
     log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w")

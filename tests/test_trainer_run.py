@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import kill_tree, run_module
+from conftest import child_env, kill_tree, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,8 @@ def test_a_driver_killed_mid_iteration_resumes_to_the_same_metrics(uninterrupted
 
     reference_rows = read_rows(uninterrupted[0])
     process = subprocess.Popen([sys.executable, "-m", "score_ray.launch", *COMMON, f"run.output_dir={tmp_path}"],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.monotonic() + 600
     marker = None
     while time.monotonic() < deadline and process.poll() is None:
@@ -127,7 +128,7 @@ def test_a_generator_killed_mid_rollout_is_restarted_resynced_and_its_share_redo
     from conftest import ROOT
 
     process = subprocess.Popen([sys.executable, "-m", "score_ray.launch", *COMMON, f"run.output_dir={tmp_path}"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     killed = None
     deadline = time.monotonic() + 600
