@@ -3,15 +3,16 @@
     .venv/bin/python bench/weight_sync.py [--repeats 3] [--sizes 1,4,15,all] [--ranks 1] [--zero-stage 2]
 
 The CPU strategy is timed by calling the trainer's own ``Run.sync_weights`` (on a stand-in holding
-just the learner group and the generator): rank 0 of the DeepSpeed group turns the trainable weights
-into safetensors bytes and puts them in Ray's object store itself (``LearnerGroup.publish_weights``),
-then ``GeneratorActor.update_weights`` gets them and vLLM reloads them in place (prefix cache reset).
+just the learner group and the generator): rank 0 of the DeepSpeed group packs the trainable weights
+into one flat buffer (``score_ray.weight_pack``) and puts it in Ray's object store itself
+(``LearnerGroup.publish_weights``); ``GeneratorActor.update_weights`` reads it zero-copy from shared
+memory and vLLM reloads the tensors in place (prefix cache reset).
 The same state dict is then copied in-process two ways: torch ``copy_`` into preallocated, already
 touched tensors (a memory-bandwidth floor) and safetensors ``save`` + ``load`` (the serialisation
 the strategy needs, without any transport or engine).
 
 A second sync per repeat runs the same steps through ``__ray_call__`` to time each one where it
-happens: build (rank 0: gather, cast, ``safetensors.save``), put (rank 0 -> object store), fetch
+happens: build (rank 0: gather, cast, pack), put (rank 0 -> object store), fetch
 (object store -> the generator's process) and vLLM load. Sizes are the trainable set: the top k of
 SmolLM2's 30 blocks (+ final norm; the demo trains k = 4) or all (embeddings included). One learner
 group per size (its trainable set is fixed at start), one GeneratorActor for all, fp32 as on CPU.
@@ -51,12 +52,17 @@ def machine_busy_seconds() -> float:
 def _publish_timed(worker, dtype: str) -> tuple[float, float, list, int]:
     """Inside learner rank 0 (``__ray_call__``): what publish_weights does, each step timed."""
     import ray
+    import torch
 
-    built = worker.weights_payload(dtype)
-    payload, build = built if isinstance(built, tuple) else (built, float("nan"))
+    from score_ray.weight_pack import pack_tensors
+
     start = time.perf_counter()
-    reference = ray.put(payload)
-    return build, time.perf_counter() - start, [reference], len(payload)  # a listed ref is not resolved
+    pairs = [(name, tensor.to(getattr(torch, dtype))) for name, tensor in worker._full_parameters(set(worker.trainable))]
+    header, buffer = pack_tensors(pairs)
+    build = time.perf_counter() - start
+    start = time.perf_counter()
+    reference = ray.put((header, buffer))
+    return build, time.perf_counter() - start, [reference], int(buffer.nbytes)  # a listed ref is not resolved
 
 
 def _fetch_and_load(actor, references: list, version: int) -> tuple[float, float]:
@@ -111,9 +117,9 @@ def main() -> None:
 
     import ray
     import torch
-    from safetensors.torch import load
 
     from score_ray.assets import resolve_model_path
+    from score_ray.weight_pack import unpack_tensors
     from score_ray.config import load_config
     from score_ray.learner import LearnerGroup
     from score_ray.rollout import GeneratorActor
@@ -164,7 +170,7 @@ def main() -> None:
             steps.append({"build": build, "put": put, "fetch": fetch, "load": load_s,
                           "total": time.perf_counter() - start})
             if tensors is None:
-                tensors = load(ray.get(references[0]))
+                tensors = {name: view.clone() for name, view in unpack_tensors(*ray.get(references[0]))}
                 target = {name: tensor.clone() for name, tensor in tensors.items()}  # allocated and touched
             del references
             time.sleep(0.5)  # OpenMP threads spin a while after their work: let them stop before the next step

@@ -29,13 +29,19 @@ def is_out_of_memory(err: BaseException) -> bool:
 class WeightReceiver:
     """vLLM worker extension: mixed into the worker class, so ``self`` is the vLLM worker."""
 
-    def score_ray_load_weights(self, payload: bytes) -> int:
-        from safetensors.torch import load
+    def score_ray_load_weights(self, payload) -> int:
+        """``payload``: safetensors bytes, or (header, buffer) from score_ray.weight_pack (zero-copy views)."""
+        from score_ray.weight_pack import unpack_tensors
 
         # Layers we do not send (frozen ones) are put back as they were; vLLM warns per layer, needlessly.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
-        tensors = load(payload)
-        self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        if isinstance(payload, (bytes, bytearray)):
+            from safetensors.torch import load
+
+            tensors = list(load(payload).items())
+        else:
+            tensors = unpack_tensors(*payload)
+        self.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
         model = self.model_runner.get_model()
         lm_head = getattr(model, "lm_head", None)
         config = getattr(self.model_runner.model_config, "hf_config", None)
@@ -210,7 +216,8 @@ class GeneratorActor:
         return episodes
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, payload: bytes, version: int) -> dict[str, float]:
+    def update_weights(self, payload, version: int) -> dict[str, float]:
+        """Load new weights (safetensors bytes or a packed (header, buffer)) and drop cached prefixes."""
         start = time.monotonic()
         counts = self.llm.collective_rpc("score_ray_load_weights", args=(payload,))
         self.llm.reset_prefix_cache()

@@ -89,3 +89,23 @@ def test_wandb_history_reader_on_a_real_offline_run(tmp_path, monkeypatch):
     assert wait_for_offline_run(Path(sync_file))  # finish() can return before the log is flushed
     rows = read_wandb_history(tmp_path)
     assert [row["train/x"] for row in rows] == [0.0, 1.5, 3.0]
+
+
+def test_packed_weights_round_trip_exactly_with_aligned_zero_copy_views():
+    import numpy as np
+    import torch
+
+    from score_ray.weight_pack import ALIGN, pack_tensors, unpack_tensors
+
+    tensors = [("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)), ("b", torch.tensor([1.5, -2.0], dtype=torch.bfloat16)),
+               ("c", torch.arange(5, dtype=torch.int64))]
+    header, buffer = pack_tensors(tensors)
+    # a: 24 bytes at 0; b: 4 bytes at 64; c: 40 bytes at 128; every offset aligned
+    assert [(name, start, nbytes) for name, _, _, start, nbytes in header] == [("a", 0, 24), ("b", 64, 4), ("c", 128, 40)]
+    assert buffer.nbytes == 192 and all(start % ALIGN == 0 for *_, start, _ in header)
+    buffer.setflags(write=False)  # as Ray's object store hands it out
+    views = unpack_tensors(header, buffer)
+    for (name, original), (unpacked_name, view) in zip(tensors, views):
+        assert unpacked_name == name and view.dtype == original.dtype and torch.equal(view, original)
+    # views, not copies: they share the buffer's memory
+    assert views[0][1].data_ptr() == np.frombuffer(buffer, dtype=np.uint8).ctypes.data
