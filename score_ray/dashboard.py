@@ -67,6 +67,12 @@ SECTIONS: tuple[Section, ...] = (
         Panel("Generated tokens per rollout", ("perf/generated_tokens",)),
         Panel("Grader timeouts and errors (fraction)", ("train/grader_timeouts", "train/grader_errors")),
     )),
+    Section("Health", (
+        Panel("Faults: generator retries, skipped steps, grading alarms",
+              ("perf/rollout_retries", "train/step_skipped", "train/grader_alarm")),
+        Panel("Orchestration overhead (fraction of the iteration)", ("perf/orchestration_fraction",)),
+        Panel("Off-policy iterations (rollout.overlap)", ("train/off_policy",)),
+    )),
     Section("Eval samples", (
         Panel("Eval episodes: problem, both attempts, rewards", ("eval/samples",), kind="table"),
     )),

@@ -26,7 +26,7 @@ def test_dashboard_sections_panels_and_keys_offline():
     pytest.importorskip("wandb_workspaces")
     spec = dashboard.definition("proj", "ent")
     assert json.loads(json.dumps(spec)) == spec  # JSON-ready as printed by the CLI
-    names = ["Self-correction", "Training per turn", "Loss", "Throughput and phase times", "Eval samples"]
+    names = ["Self-correction", "Training per turn", "Loss", "Throughput and phase times", "Health", "Eval samples"]
     assert [s["name"] for s in spec["sections"]] == names
     keys = {s["name"]: {k for p in s["panels"] for k in p["keys"]} for s in spec["sections"]}
     assert keys["Self-correction"] == {"eval/acc_t1", "eval/acc_t2", "eval/delta", "eval/delta_i2c", "eval/delta_c2i"}
@@ -36,6 +36,7 @@ def test_dashboard_sections_panels_and_keys_offline():
     perf = {"perf/rollout_seconds", "perf/grading_seconds", "perf/reference_seconds", "perf/learner_seconds",
             "perf/sync_seconds", "perf/iteration_seconds", "perf/generated_tokens"}
     assert perf <= keys["Throughput and phase times"]
+    assert {"perf/rollout_retries", "train/step_skipped", "train/grader_alarm"} <= keys["Health"]
     assert keys["Eval samples"] == {"eval/samples"}
 
     # The W&B view built from it: same sections and keys, every chart over `iteration`.
