@@ -47,21 +47,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from cpu_load import cpu_seconds, machine_busy_seconds  # bench/ is on sys.path when run as a script
+
 THREADS = 2  # the demo's generator: cpus_per_generator: 2
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all threads (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, from /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return (sum(values[:8]) - idle) / _TICK
 
 
 def _config(args: argparse.Namespace):

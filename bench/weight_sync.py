@@ -33,20 +33,7 @@ import time
 import types
 from pathlib import Path
 
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all threads (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, from /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / _TICK  # less idle and iowait
+from cpu_load import cpu_seconds, machine_busy_seconds  # bench/ is on sys.path when run as a script
 
 
 def _publish_timed(worker, dtype: str) -> tuple[float, float, list, int]:

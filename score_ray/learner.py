@@ -227,31 +227,32 @@ class LearnerWorker:
             else:
                 yield name, param.detach().contiguous()
 
-    def weights_payload(self, dtype: str = "float32") -> Optional[tuple[bytes, float]]:
-        """safetensors bytes of the trainable weights and the seconds it took, on rank 0 (None elsewhere)."""
+    def _trainable_on_rank0(self, dtype: str) -> Optional[list[tuple[str, Any]]]:
+        """(name, full tensor in ``dtype``) of the trainable weights on rank 0, None elsewhere (every rank
+        must call: ZeRO-3 gathers each parameter on all ranks)."""
         import torch
-        from safetensors.torch import save
 
-        start = time.monotonic()
-        tensors = {}
+        pairs = []
         for name, tensor in self._full_parameters(set(self.trainable)):
             if self.rank == 0:
-                tensors[name] = tensor.to(getattr(torch, dtype)).cpu().contiguous()
-        return (save(tensors), time.monotonic() - start) if self.rank == 0 else None
+                pairs.append((name, tensor.to(getattr(torch, dtype))))
+        return pairs if self.rank == 0 else None
+
+    def weights_payload(self, dtype: str = "float32") -> Optional[bytes]:
+        """safetensors bytes of the trainable weights on rank 0 (None elsewhere)."""
+        from safetensors.torch import save
+
+        pairs = self._trainable_on_rank0(dtype)
+        return save({name: tensor.cpu().contiguous() for name, tensor in pairs}) if pairs is not None else None
 
     def publish_weights(self, dtype: str = "float32") -> Optional[tuple[list, int, float]]:
         """Rank 0 packs the trainable weights into one buffer in the object store (score_ray.weight_pack) and
         returns ([ref], bytes, seconds); generators read it zero-copy, without a trip through the driver."""
-        import torch
-
         from score_ray.weight_pack import pack_tensors
 
         start = time.monotonic()
-        pairs = []
-        for name, tensor in self._full_parameters(set(self.trainable)):  # every rank joins ZeRO-3's gathers
-            if self.rank == 0:
-                pairs.append((name, tensor.to(getattr(torch, dtype))))
-        if self.rank != 0:
+        pairs = self._trainable_on_rank0(dtype)
+        if pairs is None:
             return None
         header, buffer = pack_tensors(pairs)
         return [ray.put((header, buffer))], int(buffer.nbytes), time.monotonic() - start
@@ -394,12 +395,8 @@ class LearnerGroup:
         return merged
 
     def weights_payload(self, dtype: str = "float32") -> bytes:
-        return self.timed_weights_payload(dtype)[0]
-
-    def timed_weights_payload(self, dtype: str = "float32") -> tuple[bytes, float]:
-        """(rank 0's safetensors bytes, seconds spent building them inside the actor)."""
-        payloads = ray.get([w.weights_payload.remote(dtype) for w in self.workers])
-        return payloads[0]
+        """Rank 0's safetensors bytes of the trainable weights (for comparing and saving weights)."""
+        return ray.get([w.weights_payload.remote(dtype) for w in self.workers])[0]
 
     def publish_weights(self, dtype: str = "float32") -> tuple[Any, int, float]:
         """(ObjectRef of rank 0's safetensors payload, its size in bytes, seconds spent building it)."""

@@ -318,11 +318,7 @@ def _ray_init(config: Config) -> None:
     if address:
         ray.init(address=address)  # inside `ray job submit` plain init joins the job's cluster
         return
-    needed = (
-        config.rollout.num_generators * config.rollout.cpus_per_generator
-        + (config.learner.num_ranks + 1) * config.learner.cpus_per_rank
-        + config.reward.workers * config.reward.cpus_per_worker
-    )
+    needed = resource_needs(config)["CPU"]
     # Logical CPUs: actors take fractional shares of what a small machine really has. address="local":
     # a cluster of our own, even when another local Ray (e.g. from `ray start`) is running on this machine.
     ray.init(address="local", num_cpus=max(int(math.ceil(needed)), os.cpu_count() or 1), include_dashboard=False,
