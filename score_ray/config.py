@@ -212,9 +212,27 @@ class RolloutConfig(_Strict):
     max_num_seqs: int = Field(256, ge=1, description="vLLM: sequences per engine step (bounds activation memory)")
     max_num_batched_tokens: int = Field(8192, ge=64, description="vLLM: tokens per engine step (at least max_model_len)")
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead generator before the run stops")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each generator asks for, e.g. {engine_node: 1}: "
+        "pins the engines to the nodes that offer them"
+    )
     overlap: bool = Field(
         False, description="generate iteration k+1 while the learner trains on k (one step off-policy)"
     )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(value)
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} is set by its own key (cpus_per_*, gpus_per_*), not under resources")
+        if amount <= 0:
+            raise ValueError(f"resource {name!r} must be a positive amount, got {amount:g}")
+    return value
 
 
 class SandboxConfig(_Strict):
@@ -277,7 +295,14 @@ class LearnerConfig(_Strict):
     trainable: Literal["all", "top_layers"] = "all"
     trainable_top_layers: int = Field(2, ge=1)
     cpus_per_rank: float = Field(1.0, gt=0.0)
-    gpus_per_rank: float = Field(0.0, ge=0.0)
+    gpus_per_rank: float = Field(
+        0.0, ge=0.0, le=1.0, description="0 on CPU; on GPU above 0.5 (two ranks must never share a GPU: NCCL "
+        "refuses it) and at most 1 (a rank drives one GPU)"
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each learner rank (and the reference) asks for, "
+        "e.g. {trainer_node: 1}"
+    )
     reference_gpus: Optional[float] = Field(
         None, ge=0.0, description="the frozen reference's GPU share (default gpus_per_rank); e.g. ranks 0.8 + "
         "reference 0.2 colocate it on a learner GPU"
@@ -288,6 +313,25 @@ class LearnerConfig(_Strict):
     weight_sync: Literal["auto", "object_store", "nccl"] = Field(
         "auto", description="auto: vLLM's NCCL weight transfer on GPU, the object store + in-place reload on CPU"
     )
+    nccl_buffer_mb: int = Field(
+        256, ge=16, description="NCCL weight sync: size of each of vLLM's 2 packed transfer buffers; taken out of "
+        "rollout.gpu_memory_utilization on every engine"
+    )
+
+    @field_validator("gpus_per_rank")
+    @classmethod
+    def _one_gpu_per_rank(cls, value: float) -> float:
+        if 0.0 < value <= 0.5:
+            raise ValueError(
+                f"{value:g} would let Ray place two learner ranks on one GPU, which NCCL refuses; use a share above "
+                "0.5 (e.g. 0.8, leaving room for the reference via learner.reference_gpus) or 1"
+            )
+        return value
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(value)
 
 
 class EvalConfig(_Strict):
@@ -311,7 +355,10 @@ class LoggingConfig(_Strict):
 
 class ClusterConfig(_Strict):
     address: Optional[str] = Field(None, description="Ray address; default: RAY_ADDRESS or a local cluster")
-    resource_timeout_s: float = Field(30.0, gt=0.0)
+    resource_timeout_s: float = Field(
+        30.0, gt=0.0, description="how long to wait for the cluster to place actors: at start, and for a "
+        "replacement node after one is lost mid-run"
+    )
 
 
 class RunConfig(_Strict):

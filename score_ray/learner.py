@@ -10,12 +10,17 @@ micro-batches (ZeRO-3 needs every rank in every forward), padding with empty one
 Weights leave the group as safetensors bytes of the trainable parameters: under
 ZeRO-3 each parameter is gathered on every rank (all must take part) and rank 0
 keeps the full tensor.
+
+The group's rendezvous (torch's TCPStore, MASTER_ADDR / MASTER_PORT) lives on rank
+0's node, read there once the placement group has put rank 0 somewhere: on a cluster
+the driver runs on a CPU-only head where nothing listens. A rank that dies (its node
+lost) fails the group's call at once with ``LearnerLost``; the trainer replaces the
+group and reloads the last whole checkpoint.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any, Optional
 
@@ -24,10 +29,23 @@ import ray
 from score_ray import algo
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+class LearnerLost(RuntimeError):
+    """A learner rank or the reference died (e.g. its node was lost); the group cannot go on as it is."""
+
+
+def gather(refs: list, role: str = "learner rank") -> list:
+    """``ray.get`` of every ref, raising ``LearnerLost`` as soon as ONE actor died: the others may be
+    blocked in a collective with the dead one and would never answer."""
+    pending = {ref: index for index, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        index = pending.pop(done[0])
+        try:
+            results[index] = ray.get(done[0])
+        except ray.exceptions.RayActorError as err:
+            raise LearnerLost(f"{role} {index} died ({str(err).splitlines()[0][:240]})") from err
+    return results
 
 
 def _set_threads(cpus: float) -> None:
@@ -66,41 +84,58 @@ def collate(samples: list[dict[str, Any]], pad_id: int):
 
 @ray.remote
 class LearnerWorker:
+    """One DeepSpeed rank. Built in two steps: the actor starts (``__init__``, cheap), rank 0 names
+    the rendezvous on its own node (``rendezvous``), then every rank joins it (``setup``)."""
+
     def __init__(
         self,
         rank: int,
         world_size: int,
-        master_addr: str,
-        master_port: int,
         model_path: str,
         learner: dict[str, Any],
         algo_config: dict[str, Any],
         seed: int,
         dtype: str = "float32",
         temperature: float = 1.0,
+        tiny_shape: Optional[dict[str, int]] = None,
     ):
+        self.rank, self.world_size = rank, world_size
+        self.model_spec = (model_path, tiny_shape)
+        self.seed, self.dtype = seed, dtype
+        self.temperature = temperature  # score at the sampling temperature (see score_ray.modeling)
+        self.learner, self.algo = learner, algo_config
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(this node's address, a port free on it): where the group's TCPStore will listen (rank 0)."""
+        from score_ray.placement import free_ports
+
+        return ray.util.get_node_ip_address(), free_ports(1)[0]
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        """Join the process group at rank 0's address, load the model, build the DeepSpeed engine."""
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            # Ray gives each rank its own GPU(s) through CUDA_VISIBLE_DEVICES: the first visible one is ours.
             LOCAL_RANK="0",
         )
-        from score_ray.assets import torch_extensions_dir
+        from score_ray.assets import resolve_model_path, torch_extensions_dir
 
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
         import deepspeed
         import torch
 
         from score_ray.modeling import load_causal_lm
+        from score_ray.placement import this_node
 
-        self.rank, self.world_size = rank, world_size
-        self.temperature = temperature  # score at the sampling temperature (see score_ray.modeling)
-        self.learner, self.algo = learner, algo_config
+        learner, dtype = self.learner, self.dtype
         self.on_gpu = bool(ray.get_gpu_ids())
         _set_threads(learner["cpus_per_rank"])
-        torch.manual_seed(seed)
+        torch.manual_seed(self.seed)
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        model_path = resolve_model_path(*self.model_spec)  # on this node: the driver's paths may not exist here
         model = load_causal_lm(model_path, dtype="float32" if not self.on_gpu else dtype)
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         keep = trainable_names(model, learner["trainable"], learner["trainable_top_layers"])
@@ -123,10 +158,7 @@ class LearnerWorker:
             [p for p in model.parameters() if p.requires_grad], lr=learner["lr"], weight_decay=learner["weight_decay"]
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        self.steps = 0
-
-    def ready(self) -> int:
-        return self.rank
+        return {**this_node(), "rank": self.rank, "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     # ------------------------------------------------------------------ training
     def train_step(
@@ -201,7 +233,6 @@ class LearnerWorker:
                 sums[key] += stats[key]
             sums["entropy"] += float((entropy * fields["loss_mask"]).sum())
             sums["tokens"] += float(fields["loss_mask"].sum())
-        self.steps += 1
         sums["seconds"] = time.monotonic() - start
         sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         sums["applied"] = float(self.engine.was_step_applied())
@@ -257,8 +288,11 @@ class LearnerWorker:
         header, buffer = pack_tensors(pairs)
         return [ray.put((header, buffer))], int(buffer.nbytes), time.monotonic() - start
 
-    def node_address(self) -> str:
-        return ray.util.get_node_ip_address()
+    def transfer_endpoints(self, count: int) -> tuple[str, list[int]]:
+        """(this node's address, ``count`` ports free on it) for the NCCL transfer groups rank 0 hosts."""
+        from score_ray.placement import free_ports
+
+        return ray.util.get_node_ip_address(), free_ports(count)
 
     def nccl_connect(self, groups: list, generators: list, dtype: str) -> None:
         """GPU: join one vLLM NCCL transfer group per engine (rank 0 sends; every rank gathers)."""
@@ -299,19 +333,24 @@ class LearnerWorker:
 class ReferenceActor:
     """The frozen base model: per-token log-probs of both turns."""
 
-    def __init__(self, model_path: str, cpus: float = 1.0, dtype: str = "float32"):
+    def __init__(self, model_path: str, cpus: float = 1.0, dtype: str = "float32",
+                 tiny_shape: Optional[dict[str, int]] = None):
+        from score_ray.assets import resolve_model_path
         from score_ray.modeling import load_causal_lm
 
         _set_threads(cpus)
         on_gpu = bool(ray.get_gpu_ids())
+        model_path = resolve_model_path(model_path, tiny_shape)  # on this node
         self.model = load_causal_lm(model_path, dtype=dtype if on_gpu else "float32", device="cuda" if on_gpu else "cpu")
         self.model.eval()
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict[str, Any]:
+        from score_ray.placement import this_node
+
+        return this_node()
 
     def sequence_logprobs(
         self, sequences: list[list[int]], select: Optional[list[list[float]]] = None, temperature: float = 1.0
@@ -353,11 +392,11 @@ class LearnerGroup:
     """Places N learner ranks (a placement group with a timeout) and drives them together."""
 
     def __init__(self, model_path: str, learner, algo_config, seed: int, dtype: str, timeout_s: float,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, tiny_shape: Optional[dict[str, int]] = None):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = {"CPU": learner.cpus_per_rank}
+        bundle = {**learner.resources, "CPU": learner.cpus_per_rank}
         if learner.gpus_per_rank:
             bundle["GPU"] = learner.gpus_per_rank
         self.group = placement_group([dict(bundle) for _ in range(learner.num_ranks)], strategy="PACK")
@@ -366,27 +405,29 @@ class LearnerGroup:
             ray.util.remove_placement_group(self.group)
             raise RuntimeError(
                 f"the cluster could not place {learner.num_ranks} learner ranks of {bundle} within {timeout_s:.0f}s "
-                f"(available: {ray.available_resources()}); lower learner.num_ranks / cpus_per_rank / gpus_per_rank"
+                f"(available: {ray.available_resources()}); lower learner.num_ranks / cpus_per_rank / gpus_per_rank, "
+                "or raise cluster.resource_timeout_s while the cluster adds nodes"
             )
-        port = free_port()
-        address = ray.util.get_node_ip_address()
         self.workers = [
             LearnerWorker.options(
                 num_cpus=learner.cpus_per_rank,
                 num_gpus=learner.gpus_per_rank,
+                resources=dict(learner.resources),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-            ).remote(rank, learner.num_ranks, address, port, model_path, learner.model_dump(), algo_config.model_dump(), seed,
-                     dtype, temperature)
+            ).remote(rank, learner.num_ranks, model_path, learner.model_dump(), algo_config.model_dump(), seed,
+                     dtype, temperature, tiny_shape)
             for rank in range(learner.num_ranks)
         ]
-        ray.get([worker.ready.remote() for worker in self.workers])
+        # The TCPStore listens on rank 0's node, not the driver's (a CPU-only head on a cluster).
+        address, port = gather([self.workers[0].rendezvous.remote()])[0]
+        self.nodes = gather([worker.setup.remote(address, port) for worker in self.workers])
         self.max_tokens = learner.micro_batch_tokens
 
     def train_step(self, samples: list[dict[str, Any]], off_policy: bool = False) -> dict[str, float]:
         """One optimiser step on the whole batch; ``applied`` is 0.0 when DeepSpeed skipped it (non-finite)."""
         shares = split_micro_batches(samples, len(self.workers), self.max_tokens)
         total = int(sum(sum(s["loss_mask"]) for s in samples))
-        results = ray.get([w.train_step.remote(share, total, off_policy) for w, share in zip(self.workers, shares)])
+        results = gather([w.train_step.remote(share, total, off_policy) for w, share in zip(self.workers, shares)])
         merged = {key: sum(r[key] for r in results) for key in ("loss", "pg", "kl", "clipped", "entropy", "tokens")}
         merged["seconds"] = max(r["seconds"] for r in results)
         merged["grad_norm"] = results[0]["grad_norm"]
@@ -396,38 +437,43 @@ class LearnerGroup:
 
     def weights_payload(self, dtype: str = "float32") -> bytes:
         """Rank 0's safetensors bytes of the trainable weights (for comparing and saving weights)."""
-        return ray.get([w.weights_payload.remote(dtype) for w in self.workers])[0]
+        return gather([w.weights_payload.remote(dtype) for w in self.workers])[0]
 
     def publish_weights(self, dtype: str = "float32") -> tuple[Any, int, float]:
         """(ObjectRef of rank 0's safetensors payload, its size in bytes, seconds spent building it)."""
-        published = ray.get([w.publish_weights.remote(dtype) for w in self.workers])[0]
+        published = gather([w.publish_weights.remote(dtype) for w in self.workers])[0]
         return published[0][0], published[1], published[2]
 
-    def connect_nccl(self, generators: list, tensor_parallel_size: int, dtype: str) -> None:
+    def connect_nccl(self, generators: list, tensor_parallel_size: int, dtype: str, buffer_bytes: int) -> None:
         """GPU: one vLLM NCCL transfer group per engine, each on its own port (score_ray.weight_sync_gpu)."""
         from score_ray.weight_sync_gpu import transfer_layout
 
-        address = ray.get(self.workers[0].node_address.remote())
-        groups = transfer_layout(len(generators), tensor_parallel_size, address)
-        ray.get([w.nccl_connect.remote(groups, generators, dtype) for w in self.workers])
+        # Rank 0 hosts every group's TCPStore: its address, and ports free on its node.
+        address, ports = gather([self.workers[0].transfer_endpoints.remote(len(generators))])[0]
+        groups = transfer_layout(len(generators), tensor_parallel_size, address, ports, buffer_bytes=buffer_bytes)
+        gather([w.nccl_connect.remote(groups, generators, dtype) for w in self.workers])
 
     def send_nccl(self) -> None:
-        ray.get([w.nccl_send.remote() for w in self.workers])
+        gather([w.nccl_send.remote() for w in self.workers])
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         # Every rank must join a ZeRO-3 forward; rank 0's answer is kept.
-        return ray.get([w.sequence_logprobs.remote(sequences, temperature) for w in self.workers])[0]
+        return gather([w.sequence_logprobs.remote(sequences, temperature) for w in self.workers])[0]
 
     def save_hf(self, path: str) -> None:
-        ray.get([w.save_hf.remote(path) for w in self.workers])
+        gather([w.save_hf.remote(path) for w in self.workers])
 
     def save_checkpoint(self, folder: str, tag: str) -> None:
-        ray.get([w.save_checkpoint.remote(folder, tag) for w in self.workers])
+        gather([w.save_checkpoint.remote(folder, tag) for w in self.workers])
 
     def load_checkpoint(self, folder: str, tag: str) -> None:
-        ray.get([w.load_checkpoint.remote(folder, tag) for w in self.workers])
+        gather([w.load_checkpoint.remote(folder, tag) for w in self.workers])
 
     def shutdown(self) -> None:
+        """Kill every rank (survivors of a lost one may be blocked in a collective) and free the placement."""
         for worker in self.workers:
-            ray.kill(worker)
+            try:
+                ray.kill(worker)
+            except Exception:  # noqa: BLE001 - an actor already gone with its node
+                pass
         ray.util.remove_placement_group(self.group)

@@ -29,12 +29,16 @@ def is_out_of_memory(err: BaseException) -> bool:
 class WeightReceiver:
     """vLLM worker extension: mixed into the worker class, so ``self`` is the vLLM worker."""
 
+    def score_ray_quiet_partial_reload(self) -> None:
+        """Layers we do not send (frozen ones, ``learner.trainable: top_layers``) keep their weights; vLLM's
+        layer-wise reload (the CPU reload and the NCCL receiver alike) warns "Failed to load weights" for each
+        of them on every sync. Silenced in the worker process, where the reload runs."""
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+
     def score_ray_load_weights(self, payload) -> int:
         """``payload``: safetensors bytes, or (header, buffer) from score_ray.weight_pack (zero-copy views)."""
         from score_ray.weight_pack import unpack_tensors
 
-        # Layers we do not send (frozen ones) are put back as they were; vLLM warns per layer, needlessly.
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         if isinstance(payload, (bytes, bytearray)):
             from safetensors.torch import load
 
@@ -49,6 +53,32 @@ class WeightReceiver:
             # On CPU the LM head keeps a repacked copy of the (tied) embedding: repack it from the new weights.
             lm_head.quant_method.process_weights_after_loading(lm_head)
         return len(tensors)
+
+
+def engine_memory_fraction(utilization: float, gpu_bytes: int, transfer_bytes: int) -> float:
+    """vLLM's ``gpu_memory_utilization`` once ``transfer_bytes`` (the NCCL receive buffers, allocated outside
+    vLLM's budget during every sync) are set aside, so weights + KV cache + buffers fit in ``utilization``."""
+    fraction = utilization - transfer_bytes / gpu_bytes
+    if fraction < 0.1:
+        raise ValueError(
+            f"learner.nccl_buffer_mb leaves vLLM {fraction:.0%} of the GPU (rollout.gpu_memory_utilization="
+            f"{utilization:g}, buffers {transfer_bytes / 2**30:.1f} GiB of {gpu_bytes / 2**30:.0f} GiB); lower it"
+        )
+    return fraction
+
+
+def transfer_buffer_bytes(model_path: str, dtype: str, buffer_bytes: int) -> int:
+    """What vLLM's packed NCCL receiver holds at once on an engine worker: TRANSFER_BUFFERS chunks, each up
+    to ``buffer_bytes`` plus one tensor (a chunk closes after the tensor that passes the size; the largest
+    tensor is the embedding)."""
+    from transformers import AutoConfig
+
+    from score_ray.weight_sync_gpu import TRANSFER_BUFFERS
+
+    config = AutoConfig.from_pretrained(model_path)
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    largest = config.vocab_size * config.hidden_size * width
+    return TRANSFER_BUFFERS * (buffer_bytes + largest)
 
 
 def _logprobs_of(sample) -> list[float]:
@@ -69,8 +99,10 @@ class GeneratorActor:
         seed: int = 0,
         dtype: str = "float32",
         nccl_weight_sync: bool = False,
+        tiny_shape: Optional[dict[str, int]] = None,
+        nccl_buffer_bytes: int = 0,
     ):
-        from score_ray.assets import vllm_cpu_environment
+        from score_ray.assets import resolve_model_path, vllm_cpu_environment
 
         self.on_gpu = bool(ray.get_gpu_ids())
         if not self.on_gpu:
@@ -81,6 +113,7 @@ class GeneratorActor:
         from score_ray.prompts import PromptSet, TwoTurnPrompter
 
         self.rollout = rollout
+        model_path = resolve_model_path(model_path, tiny_shape)  # on this node: the driver's paths may not exist here
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.prompter = TwoTurnPrompter(self.tokenizer, PromptSet(**prompts))
         kwargs: dict[str, Any] = dict(
@@ -97,9 +130,14 @@ class GeneratorActor:
             max_num_batched_tokens=max(rollout["max_num_batched_tokens"], rollout["max_model_len"]),
         )
         if self.on_gpu:
+            import torch
+
+            total = torch.cuda.get_device_properties(0).total_memory
+            transfer = transfer_buffer_bytes(model_path, dtype, nccl_buffer_bytes) if nccl_weight_sync else 0
             kwargs.update(
                 tensor_parallel_size=rollout["tensor_parallel_size"],
-                gpu_memory_utilization=rollout["gpu_memory_utilization"],
+                # The NCCL receive buffers are allocated beside vLLM's budget: keep both inside the GPU.
+                gpu_memory_utilization=engine_memory_fraction(rollout["gpu_memory_utilization"], total, transfer),
             )
             if nccl_weight_sync:
                 from score_ray.weight_sync_gpu import nccl_weight_transfer_config
@@ -118,10 +156,13 @@ class GeneratorActor:
                     + ("raise rollout.gpu_memory_utilization" if self.on_gpu else "raise rollout.kv_cache_gib")
                 ) from err
             raise
+        self.llm.collective_rpc("score_ray_quiet_partial_reload")
         self.weight_version = 0
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict[str, Any]:
+        from score_ray.placement import this_node
+
+        return this_node()
 
     # ------------------------------------------------------------------ generation
     def _params(self, max_tokens: int, greedy: bool, n: int = 1, seed: Optional[int] = None):
@@ -249,5 +290,3 @@ class GeneratorActor:
             result.append([float(entry[token].logprob) for token, entry in zip(seq[1:], entries)])
         return result
 
-    def shutdown(self) -> None:
-        del self.llm

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from score_ray import algo
 from score_ray.config import Config, dump_config
+from score_ray.learner import LearnerLost
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -333,12 +334,17 @@ def reference_gpus(config: Config) -> float:
 def resource_needs(config: Config) -> dict[str, float]:
     """What the run's actors ask Ray for, summed."""
     rollout, learner = config.rollout, config.learner
-    return {
+    needs = {
         "GPU": rollout.num_generators * rollout.gpus_per_generator + learner.num_ranks * learner.gpus_per_rank
         + reference_gpus(config),
         "CPU": rollout.num_generators * rollout.cpus_per_generator + (learner.num_ranks + 1) * learner.cpus_per_rank
         + config.reward.workers * config.reward.cpus_per_worker,
     }
+    for name, amount in rollout.resources.items():
+        needs[name] = needs.get(name, 0.0) + rollout.num_generators * amount
+    for name, amount in learner.resources.items():  # the ranks and the reference
+        needs[name] = needs.get(name, 0.0) + (learner.num_ranks + 1) * amount
+    return needs
 
 
 def check_resources(config: Config) -> None:
@@ -362,6 +368,13 @@ def check_resources(config: Config) -> None:
             f"(learner.num_ranks + 1) x learner.cpus_per_rank + reward.workers x reward.cpus_per_worker) but the "
             f"cluster has {total.get('CPU', 0.0):g}; lower those keys or add nodes (SCORE_RAY_AUTOSCALING=1 waits)"
         )
+    for name in sorted(set(needs) - {"CPU", "GPU"}):
+        if needs[name] > total.get(name, 0.0):
+            raise RuntimeError(
+                f"this run needs {needs[name]:g} of the custom resource {name!r} (rollout.resources x generators + "
+                f"learner.resources x (ranks + reference)) but the cluster offers {total.get(name, 0.0):g}; start "
+                "nodes with it (ray start --resources) or change those keys"
+            )
 
 
 @dataclass
@@ -377,10 +390,9 @@ class RolloutHandle:
 class Run:
     """Holds the actors of one run and performs its phases."""
 
-    def __init__(self, config: Config, run_dir: Path, model_path: str):
+    def __init__(self, config: Config, run_dir: Path):
         import ray
 
-        from score_ray.learner import LearnerGroup, ReferenceActor
         from score_ray.reward.pool import RewardPool
         from score_ray.rollout import GeneratorActor
 
@@ -388,35 +400,105 @@ class Run:
         rollout, learner = config.rollout, config.learner
         on_gpu = rollout.gpus_per_generator > 0 and learner.gpus_per_rank > 0
         self.nccl = learner.weight_sync == "nccl" or (learner.weight_sync == "auto" and on_gpu)
+        # Each actor resolves the model on its own node (a built test model or a converted one lives in that
+        # node's cache; on a cluster the driver's paths do not exist elsewhere).
+        self.model_spec = (config.model.path, config.model.tiny.model_dump())
         # Ray restarts a dead generator (a fresh engine with the base weights); we re-sync it and redo its share.
         self.generators = [
             GeneratorActor.options(num_cpus=rollout.cpus_per_generator, num_gpus=rollout.gpus_per_generator,
-                                   max_restarts=rollout.max_restarts, max_task_retries=0).remote(
-                model_path, rollout.model_dump(), config.prompts.model_dump(), config.run.seed + index, config.model.dtype,
-                self.nccl,
+                                   resources=dict(rollout.resources), max_restarts=rollout.max_restarts,
+                                   max_task_retries=0).remote(
+                config.model.path, rollout.model_dump(), config.prompts.model_dump(), config.run.seed + index,
+                config.model.dtype, self.nccl, self.model_spec[1], learner.nccl_buffer_mb * 2**20,
             )
             for index in range(rollout.num_generators)
         ]
-        self.reference = ReferenceActor.options(num_cpus=learner.cpus_per_rank, num_gpus=reference_gpus(config)).remote(
-            model_path, learner.cpus_per_rank, config.model.dtype
-        )
+        self.reference = self._start_reference()
         self.pool = RewardPool.from_config(config.reward)
-        # An autoscaling cluster adds GPU nodes in minutes: wait for the placement group that long.
-        timeout = config.cluster.resource_timeout_s
-        if os.environ.get("SCORE_RAY_AUTOSCALING"):
-            timeout = max(timeout, 1800.0)
-        self.learner = LearnerGroup(model_path, learner, config.algo, config.run.seed, config.model.dtype,
-                                    timeout, temperature=rollout.temperature)
+        self.learner = self._start_learner()
         ready = [g.ready.remote() for g in self.generators] + [self.reference.ready.remote()]
         done, pending = ray.wait(ready, num_returns=len(ready), timeout=max(600.0, config.cluster.resource_timeout_s))
         if pending:
             raise RuntimeError("generators or the reference did not start in time; check the cluster's free resources")
         ray.get(done)  # an engine that failed to start (e.g. its KV cache does not fit) says why here
         if self.nccl:
-            self.learner.connect_nccl(self.generators, rollout.tensor_parallel_size, config.model.dtype)
+            self.learner.connect_nccl(self.generators, rollout.tensor_parallel_size, config.model.dtype,
+                                      learner.nccl_buffer_mb * 2**20)
         self.version = 0  # weights the generators hold: the learner's state after this many syncs
         self.weights_ref = None  # the last CPU payload, kept for re-syncing a restarted generator
         self.restarts = 0
+        self.learner_replacements = 0
+        self.placements: list[dict[str, Any]] = []
+        self.record_placement(0, "start")
+
+    def _start_reference(self):
+        from score_ray.learner import ReferenceActor
+
+        learner = self.config.learner
+        return ReferenceActor.options(num_cpus=learner.cpus_per_rank, num_gpus=reference_gpus(self.config),
+                                      resources=dict(learner.resources)).remote(
+            self.config.model.path, learner.cpus_per_rank, self.config.model.dtype, self.model_spec[1]
+        )
+
+    def _start_learner(self):
+        from score_ray.learner import LearnerGroup
+
+        config = self.config
+        # An autoscaling cluster adds GPU nodes in minutes: wait for the placement group that long.
+        timeout = config.cluster.resource_timeout_s
+        if os.environ.get("SCORE_RAY_AUTOSCALING"):
+            timeout = max(timeout, 1800.0)
+        return LearnerGroup(config.model.path, config.learner, config.algo, config.run.seed, config.model.dtype,
+                            timeout, temperature=config.rollout.temperature, tiny_shape=self.model_spec[1])
+
+    def record_placement(self, iteration: int, reason: str) -> None:
+        """Append where every role runs now to the run folder's nodes.json (the driver's node included)."""
+        import ray
+
+        from score_ray.learner import gather
+        from score_ray.placement import this_node
+
+        roles = {
+            "iteration": iteration,
+            "reason": reason,
+            "learner_ranks": self.learner.nodes,
+            "reference": gather([self.reference.ready.remote()], "reference")[0],
+            "generators": ray.get([g.ready.remote() for g in self.generators]),
+            "reward_actors": self.pool.nodes(),
+        }
+        path = self.run_dir / "nodes.json"
+        if not self.placements and path.exists():  # a resumed run: keep the earlier placements
+            self.placements = json.loads(path.read_text()).get("placements", [])
+        self.placements.append(roles)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"driver": this_node(), "placements": self.placements}, indent=1))
+        os.replace(tmp, path)
+
+    def replace_learner(self, iteration: int, reason: str) -> None:
+        """A learner rank or the reference is gone (its node was lost): place the group (and the reference, if it
+        went too) again, waiting ``cluster.resource_timeout_s`` for capacity, e.g. an autoscaler's new node.
+        The new group starts from the base weights: the caller loads the last whole checkpoint into it."""
+        import ray
+
+        if self.nccl:
+            raise RuntimeError(f"{reason}; with NCCL weight sync the engines' transfer groups belong to the lost "
+                               "rank 0, so the run stops here: resume it with run.resume=true from the last checkpoint")
+        self.learner.shutdown()
+        try:
+            ray.get(self.reference.ready.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            try:
+                ray.kill(self.reference)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
+            self.reference = self._start_reference()
+        self.learner = self._start_learner()  # raises, naming the keys, when no capacity comes back in time
+        try:
+            ray.get(self.reference.ready.remote(), timeout=max(60.0, self.config.cluster.resource_timeout_s))
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError("the reference could not be placed again in time") from None
+        self.learner_replacements += 1
+        self.record_placement(iteration, reason)
 
     # ------------------------------------------------------------------ generation with recovery
     def start_rollout(self, problems: list[dict], samples: int, greedy: bool = False,
@@ -499,10 +581,23 @@ class Run:
             return {"perf/sync_seconds": seconds, "perf/sync_compute_seconds": seconds}
         self.weights_ref, size, build_seconds = self.learner.publish_weights()
         self.version += 1
-        results = ray.get([g.update_weights.remote(self.weights_ref, self.version) for g in self.generators])
+        try:
+            results = ray.get([g.update_weights.remote(self.weights_ref, self.version) for g in self.generators])
+        except ray.exceptions.ObjectLostError as err:  # rank 0 owned the payload; its node went with it
+            from score_ray.learner import LearnerLost
+
+            raise LearnerLost(f"the weights published by learner rank 0 were lost ({type(err).__name__})") from err
         load = max(r["seconds"] for r in results)
         return {"perf/sync_seconds": time.monotonic() - start, "perf/sync_mb": size / 1e6,
                 "perf/sync_load_seconds": load, "perf/sync_compute_seconds": build_seconds + load}
+
+    def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]]) -> tuple[list[list[float]], float]:
+        """(the frozen reference's log-probs at the ``select``-ed positions, its compute seconds)."""
+        from score_ray.learner import gather
+
+        result = gather([self.reference.sequence_logprobs.remote(sequences, select, self.config.rollout.temperature)],
+                        "reference")[0]
+        return result, gather([self.reference.last_call_seconds.remote()], "reference")[0]
 
     def shutdown(self) -> None:
         import ray
@@ -510,7 +605,10 @@ class Run:
         self.pool.shutdown()
         self.learner.shutdown()
         for actor in self.generators + [self.reference]:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - an actor already gone with its node
+                pass
 
 
 def evaluate(run: Run, eval_problems: list[dict], label: str) -> tuple[dict[str, float], list[dict]]:
@@ -542,6 +640,36 @@ def _resume(run_dir: Path, actors: Run) -> tuple[Optional[Path], TrainerState]:
     return None, TrainerState()
 
 
+def recover_learner(actors: Run, run_dir: Path, state: TrainerState, config: Config, rng: random.Random,
+                    reason: str) -> tuple[TrainerState, random.Random]:
+    """Replace a lost learner group (waiting for capacity), load the newest whole checkpoint into it (or start
+    over when none was written yet), move the metric rows logged after it aside and re-sync the generators."""
+    timeout = config.cluster.resource_timeout_s
+    print(f"score_ray: {reason}; placing the learner again (waiting up to {timeout:g}s for capacity) ...",
+          file=sys.stderr, flush=True)
+    whole = resumable_checkpoints(run_dir)[0]
+    try:
+        actors.replace_learner(state.iteration, reason)
+    except RuntimeError as err:
+        where = (f"the last whole checkpoint is {whole[0].name}: resume with run.resume=true" if whole
+                 else "no checkpoint was written yet: start it again")
+        raise RuntimeError(f"{reason}, and no capacity for it came back within cluster.resource_timeout_s="
+                           f"{timeout:g}s ({err}); the run stops here; {where}") from err
+    base_eval = state.base_eval
+    folder, state = _resume(run_dir, actors)
+    if folder is None:
+        state.base_eval = base_eval
+    rng = random.Random(config.run.seed)
+    if state.rng_state is not None:
+        rng.setstate(state.rng_state)
+    moved = roll_back_metrics(run_dir, state.iteration)
+    actors.sync_weights()
+    print(f"score_ray: learner placed again; continuing from "
+          f"{folder.name if folder else 'the start'} (iteration {state.iteration}; {moved} metric rows moved to "
+          "metrics.rolled_back.jsonl)", file=sys.stderr, flush=True)
+    return state, rng
+
+
 def run(config: Config, run_dir: Path) -> int:
     """Train; returns a process exit code."""
     import ray
@@ -569,7 +697,7 @@ def run(config: Config, run_dir: Path) -> int:
     resuming = config.run.resume and bool(resumable_checkpoints(run_dir)[0])
     print(f"starting actors: {config.rollout.num_generators} generator(s), {config.learner.num_ranks} learner rank(s) "
           f"(ZeRO-{config.learner.zero_stage}), 1 reference, {config.reward.workers} reward actor(s)", flush=True)
-    actors = Run(config, run_dir, model_path)
+    actors = Run(config, run_dir)
     logger = None
     try:
         state = TrainerState()
@@ -607,134 +735,141 @@ def run(config: Config, run_dir: Path) -> int:
         prefetched = None  # rollout.overlap: the next iteration's generation, already running
         learner_steps = actors.version  # weights the learner holds, counted like the generators' version
         while state.iteration < len(plan):
-            iteration = state.iteration + 1
-            stage = plan[state.iteration]
-            name = "I" if stage == 1 else "II"
-            timings: dict[str, float] = {}
-            start = time.monotonic()
+            try:
+                iteration = state.iteration + 1
+                stage = plan[state.iteration]
+                name = "I" if stage == 1 else "II"
+                timings: dict[str, float] = {}
+                start = time.monotonic()
 
-            bar.set_postfix_str(f"stage {name} | rollout")
-            handle, position = prefetched if prefetched is not None else next_rollout(iteration)
-            prefetched = None
-            episodes, rollout_info = actors.finish_rollout(handle)
-            state.epoch, state.position = position
-            timings["perf/rollout_seconds"] = time.monotonic() - start
-            sync: dict[str, float] = {}
-            if overlap and iteration < len(plan):
-                # The generators take the learner's newest weights, then sample the next batch while the
-                # learner trains on this one (which came from the weights one step older).
-                if actors.version < learner_steps:
-                    sync = actors.sync_weights()
-                prefetched = next_rollout(iteration + 1)
+                bar.set_postfix_str(f"stage {name} | rollout")
+                handle, position = prefetched if prefetched is not None else next_rollout(iteration)
+                prefetched = None
+                episodes, rollout_info = actors.finish_rollout(handle)
+                state.epoch, state.position = position
+                timings["perf/rollout_seconds"] = time.monotonic() - start
+                sync: dict[str, float] = {}
+                if overlap and iteration < len(plan):
+                    # The generators take the learner's newest weights, then sample the next batch while the
+                    # learner trains on this one (which came from the weights one step older).
+                    if actors.version < learner_steps:
+                        sync = actors.sync_weights()
+                    prefetched = next_rollout(iteration + 1)
 
-            bar.set_postfix_str(f"stage {name} | grading")
-            t = time.monotonic()
-            r1, r2, graded = grade_episodes(actors.pool, episodes)
-            timings["perf/grading_seconds"] = time.monotonic() - t
-            timings["perf/grading_compute_seconds"] = actors.pool.last_busy_seconds
-            alarm = grading_alarm(graded, config.reward.alarm_fraction)
-            if alarm:
-                print(f"score_ray: ALARM iteration {iteration}: {alarm}", file=sys.stderr, flush=True)
-
-            bar.set_postfix_str(f"stage {name} | reference")
-            t = time.monotonic()
-            trained = [trained_positions(e) for e in episodes]  # the KL needs reference log-probs there only
-            ref_logps = ray.get(actors.reference.sequence_logprobs.remote(
-                [e["x2"] + e["y2"] for e in episodes], trained, config.rollout.temperature
-            ))
-            timings["perf/reference_seconds"] = time.monotonic() - t
-            timings["perf/reference_compute_seconds"] = ray.get(actors.reference.last_call_seconds.remote())
-
-            t = time.monotonic()
-            groups = [(e["problem"]["id"]) for e in episodes]
-            kl_sums = [turn_kl_sums(e, ref) for e, ref in zip(episodes, ref_logps)]
-            scored = algo.score_turns(
-                stage, r1, r2, groups, config.algo.alpha, config.algo.beta1, config.algo.beta2,
-                estimator=config.algo.estimator, normalize_advantages=config.algo.normalize_advantages,
-                kl_in_reward=config.algo.kl_in == "reward", kl1=[k[0] for k in kl_sums], kl2=[k[1] for k in kl_sums],
-            )
-            samples = build_samples(episodes, ref_logps, scored, tuple(config.algo.train_turns))
-            timings["perf/scoring_seconds"] = time.monotonic() - t
-
-            bar.set_postfix_str(f"stage {name} | learner")
-            t = time.monotonic()
-            learner_stats: dict[str, float] = {}
-            off_policy = any(e["weight_version"] < learner_steps for e in episodes)
-            for _ in range(config.algo.ppo_epochs if config.algo.estimator == "ppo" else 1):
-                learner_stats = actors.learner.train_step(samples, off_policy=off_policy)
-            timings["perf/learner_seconds"] = time.monotonic() - t
-            timings["perf/learner_compute_seconds"] = learner_stats["seconds"]
-            learner_steps += 1
-            halt = account_step(state, learner_stats["applied"] > 0, config.learner.max_skipped_steps_in_row)
-            if learner_stats["applied"] <= 0:
-                print(f"score_ray: iteration {iteration}: non-finite loss or gradient, optimiser step skipped "
-                      f"({state.skipped_in_row} in a row, {state.skipped_steps} in all)", file=sys.stderr, flush=True)
-
-            if not overlap:
-                bar.set_postfix_str(f"stage {name} | sync")
-                sync = actors.sync_weights()
-
-            state.iteration = iteration
-            tokens = max(1.0, learner_stats["tokens"])
-            statuses = [g["status"] for g in graded]
-            metrics: dict[str, Any] = {
-                "iteration": iteration,
-                "train/stage": stage,
-                "train/episodes": len(episodes),
-                **turn_metrics(episodes, ref_logps, r1, r2),
-                "train/shaped_reward_t2": sum(scored["reward2"]) / len(episodes),
-                "train/loss": learner_stats["loss"] / tokens,
-                "train/pg_loss": learner_stats["pg"] / tokens,
-                "train/kl_loss": learner_stats["kl"] / tokens,
-                "train/clip_fraction": learner_stats["clipped"] / tokens,
-                "train/learner_entropy": learner_stats["entropy"] / tokens,
-                "train/grad_norm": learner_stats["grad_norm"],
-                "train/step_skipped": 0.0 if learner_stats["applied"] > 0 else 1.0,
-                "train/skipped_steps": float(state.skipped_steps),
-                "train/off_policy": float(off_policy),
-                "train/grader_timeouts": statuses.count("timeout") / len(statuses),
-                "train/grader_errors": statuses.count("error") / len(statuses),
-                "train/grader_alarm": 1.0 if alarm else 0.0,
-                **timings,
-                **rollout_info,
-                **sync,
-                "perf/learner_micro_batches": learner_stats["micro_batches"],
-                "perf/generated_tokens": float(sum(len(e["y1"]) + len(e["y2"]) for e in episodes)),
-            }
-            if config.eval.every and iteration % config.eval.every == 0 and iteration < len(plan) and halt is None:
-                bar.set_postfix_str("eval")
+                bar.set_postfix_str(f"stage {name} | grading")
                 t = time.monotonic()
-                if actors.version < learner_steps:
-                    metrics.update(actors.sync_weights())  # overlap: the generators are one step behind
-                eval_metrics, eval_episodes = evaluate(actors, eval_dicts, f"eval @ {iteration}")
-                metrics.update({f"eval/{k}": v for k, v in eval_metrics.items() if k != "n"})
-                metrics["perf/eval_seconds"] = time.monotonic() - t
-                logger.log_samples(iteration, eval_episodes)
-            metrics["perf/iteration_seconds"] = time.monotonic() - start
-            if not overlap:  # phases run one after another: what no phase computed is orchestration
-                compute = sum(metrics.get(k, 0.0) for k in (
-                    "perf/rollout_compute_seconds", "perf/grading_compute_seconds", "perf/reference_compute_seconds",
-                    "perf/scoring_seconds", "perf/learner_compute_seconds", "perf/sync_compute_seconds",
-                    "perf/eval_seconds"))
-                metrics["perf/orchestration_seconds"] = metrics["perf/iteration_seconds"] - compute
-                metrics["perf/orchestration_fraction"] = metrics["perf/orchestration_seconds"] / metrics["perf/iteration_seconds"]
-            metrics["perf/wall_time"] = time.time()
-            state.rng_state = rng.getstate()
-            logger.log(metrics)
-            if halt is not None:
-                folder = save_checkpoint(run_dir, actors.learner, state, config.checkpoint.keep)
-                raise TrainingHalted(f"{halt}. Checkpoint of the last good state: {folder}")
-            if config.checkpoint.every and iteration % config.checkpoint.every == 0:
-                bar.set_postfix_str("checkpoint")
-                save_checkpoint(run_dir, actors.learner, state, config.checkpoint.keep)
-            bar.update(1)
-            bar.set_postfix_str(f"r1 {metrics['train/reward_t1']:.2f} r2 {metrics['train/reward_t2']:.2f}")
-            durations.append(metrics["perf/iteration_seconds"])
-            if not sys.stderr.isatty():
-                eta = sum(durations) / len(durations) * (len(plan) - iteration)
-                print(f"iteration {iteration}/{len(plan)} stage {name}: reward t1 "
-                      f"{metrics['train/reward_t1']:.3f} t2 {metrics['train/reward_t2']:.3f} "
-                      f"({metrics['perf/iteration_seconds']:.0f}s, ETA {eta / 60:.1f} min + final eval)", flush=True)
+                r1, r2, graded = grade_episodes(actors.pool, episodes)
+                timings["perf/grading_seconds"] = time.monotonic() - t
+                timings["perf/grading_compute_seconds"] = actors.pool.last_busy_seconds
+                alarm = grading_alarm(graded, config.reward.alarm_fraction)
+                if alarm:
+                    print(f"score_ray: ALARM iteration {iteration}: {alarm}", file=sys.stderr, flush=True)
+
+                bar.set_postfix_str(f"stage {name} | reference")
+                t = time.monotonic()
+                trained = [trained_positions(e) for e in episodes]  # the KL needs reference log-probs there only
+                ref_logps, timings["perf/reference_compute_seconds"] = actors.reference_logprobs(
+                    [e["x2"] + e["y2"] for e in episodes], trained)
+                timings["perf/reference_seconds"] = time.monotonic() - t
+
+                t = time.monotonic()
+                groups = [(e["problem"]["id"]) for e in episodes]
+                kl_sums = [turn_kl_sums(e, ref) for e, ref in zip(episodes, ref_logps)]
+                scored = algo.score_turns(
+                    stage, r1, r2, groups, config.algo.alpha, config.algo.beta1, config.algo.beta2,
+                    estimator=config.algo.estimator, normalize_advantages=config.algo.normalize_advantages,
+                    kl_in_reward=config.algo.kl_in == "reward", kl1=[k[0] for k in kl_sums], kl2=[k[1] for k in kl_sums],
+                )
+                samples = build_samples(episodes, ref_logps, scored, tuple(config.algo.train_turns))
+                timings["perf/scoring_seconds"] = time.monotonic() - t
+
+                bar.set_postfix_str(f"stage {name} | learner")
+                t = time.monotonic()
+                learner_stats: dict[str, float] = {}
+                off_policy = any(e["weight_version"] < learner_steps for e in episodes)
+                for _ in range(config.algo.ppo_epochs if config.algo.estimator == "ppo" else 1):
+                    learner_stats = actors.learner.train_step(samples, off_policy=off_policy)
+                timings["perf/learner_seconds"] = time.monotonic() - t
+                timings["perf/learner_compute_seconds"] = learner_stats["seconds"]
+                learner_steps += 1
+                halt = account_step(state, learner_stats["applied"] > 0, config.learner.max_skipped_steps_in_row)
+                if learner_stats["applied"] <= 0:
+                    print(f"score_ray: iteration {iteration}: non-finite loss or gradient, optimiser step skipped "
+                          f"({state.skipped_in_row} in a row, {state.skipped_steps} in all)", file=sys.stderr, flush=True)
+
+                if not overlap:
+                    bar.set_postfix_str(f"stage {name} | sync")
+                    sync = actors.sync_weights()
+
+                state.iteration = iteration
+                tokens = max(1.0, learner_stats["tokens"])
+                statuses = [g["status"] for g in graded]
+                metrics: dict[str, Any] = {
+                    "iteration": iteration,
+                    "train/stage": stage,
+                    "train/episodes": len(episodes),
+                    **turn_metrics(episodes, ref_logps, r1, r2),
+                    "train/shaped_reward_t2": sum(scored["reward2"]) / len(episodes),
+                    "train/loss": learner_stats["loss"] / tokens,
+                    "train/pg_loss": learner_stats["pg"] / tokens,
+                    "train/kl_loss": learner_stats["kl"] / tokens,
+                    "train/clip_fraction": learner_stats["clipped"] / tokens,
+                    "train/learner_entropy": learner_stats["entropy"] / tokens,
+                    "train/grad_norm": learner_stats["grad_norm"],
+                    "train/step_skipped": 0.0 if learner_stats["applied"] > 0 else 1.0,
+                    "train/skipped_steps": float(state.skipped_steps),
+                    "train/off_policy": float(off_policy),
+                    "train/grader_timeouts": statuses.count("timeout") / len(statuses),
+                    "train/grader_errors": statuses.count("error") / len(statuses),
+                    "train/grader_alarm": 1.0 if alarm else 0.0,
+                    **timings,
+                    **rollout_info,
+                    **sync,
+                    "perf/learner_micro_batches": learner_stats["micro_batches"],
+                    "perf/generated_tokens": float(sum(len(e["y1"]) + len(e["y2"]) for e in episodes)),
+                }
+                if config.eval.every and iteration % config.eval.every == 0 and iteration < len(plan) and halt is None:
+                    bar.set_postfix_str("eval")
+                    t = time.monotonic()
+                    if actors.version < learner_steps:
+                        metrics.update(actors.sync_weights())  # overlap: the generators are one step behind
+                    eval_metrics, eval_episodes = evaluate(actors, eval_dicts, f"eval @ {iteration}")
+                    metrics.update({f"eval/{k}": v for k, v in eval_metrics.items() if k != "n"})
+                    metrics["perf/eval_seconds"] = time.monotonic() - t
+                    logger.log_samples(iteration, eval_episodes)
+                metrics["perf/iteration_seconds"] = time.monotonic() - start
+                if not overlap:  # phases run one after another: what no phase computed is orchestration
+                    compute = sum(metrics.get(k, 0.0) for k in (
+                        "perf/rollout_compute_seconds", "perf/grading_compute_seconds", "perf/reference_compute_seconds",
+                        "perf/scoring_seconds", "perf/learner_compute_seconds", "perf/sync_compute_seconds",
+                        "perf/eval_seconds"))
+                    metrics["perf/orchestration_seconds"] = metrics["perf/iteration_seconds"] - compute
+                    metrics["perf/orchestration_fraction"] = metrics["perf/orchestration_seconds"] / metrics["perf/iteration_seconds"]
+                metrics["perf/wall_time"] = time.time()
+                state.rng_state = rng.getstate()
+                logger.log(metrics)
+                if halt is not None:
+                    folder = save_checkpoint(run_dir, actors.learner, state, config.checkpoint.keep)
+                    raise TrainingHalted(f"{halt}. Checkpoint of the last good state: {folder}")
+                if config.checkpoint.every and iteration % config.checkpoint.every == 0:
+                    bar.set_postfix_str("checkpoint")
+                    save_checkpoint(run_dir, actors.learner, state, config.checkpoint.keep)
+                bar.update(1)
+                bar.set_postfix_str(f"r1 {metrics['train/reward_t1']:.2f} r2 {metrics['train/reward_t2']:.2f}")
+                durations.append(metrics["perf/iteration_seconds"])
+                if not sys.stderr.isatty():
+                    eta = sum(durations) / len(durations) * (len(plan) - iteration)
+                    print(f"iteration {iteration}/{len(plan)} stage {name}: reward t1 "
+                          f"{metrics['train/reward_t1']:.3f} t2 {metrics['train/reward_t2']:.3f} "
+                          f"({metrics['perf/iteration_seconds']:.0f}s, ETA {eta / 60:.1f} min + final eval)", flush=True)
+            except LearnerLost as lost:
+                # A lost node took a learner rank or the reference: place them again, roll back to the last
+                # whole checkpoint and go on; the redone iterations sample and learn what the lost ones did.
+                prefetched = None
+                state, rng = recover_learner(actors, run_dir, state, config, rng, f"{lost}")
+                learner_steps = actors.version
+                bar.n = state.iteration
+                bar.refresh()
         bar.close()
 
         if actors.version < learner_steps:
@@ -759,6 +894,7 @@ def run(config: Config, run_dir: Path) -> int:
             "eval_problems": len(eval_dicts),
             "skipped_steps": state.skipped_steps,
             "generator_restarts": actors.restarts,
+            "learner_replacements": actors.learner_replacements,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plots = write_plots(run_dir)

@@ -40,17 +40,19 @@ CPU: torch, DeepSpeed and vLLM are imported where they are used, except for the
 
 from __future__ import annotations
 
-import dataclasses
-import socket
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 import torch
 
-# The abstract source and its metadata record (vllm/distributed/weight_transfer/base.py).
+# The abstract source and its metadata record (vllm/distributed/weight_transfer/base.py, vLLM 0.32: a
+# ``metadata()`` method and ``__iter__``; 0.33 changed both, which is why vLLM is pinned to 0.32 everywhere).
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+from score_ray.placement import free_ports
+from score_ray.weight_gather import GatheredWeights
 
 T = TypeVar("T")
 
@@ -111,103 +113,15 @@ def _on_this_device(fn: Callable[[], T]) -> Callable[[], T]:
 # ----------------------------------------------------------------------------- source
 
 
-class Zero3WeightSource(WeightSource):
-    """vLLM ``WeightSource`` over a DeepSpeed engine's module (ZeRO-3 or not).
+class Zero3WeightSource(GatheredWeights, WeightSource):
+    """vLLM 0.32's ``WeightSource`` (``metadata()`` and ``__iter__``) over ``GatheredWeights``.
 
-    ``metadata()`` reports full shapes without gathering: ``ds_shape`` for a
-    ZeRO-3 partitioned parameter (it carries ``ds_id``; its ``shape`` is empty),
-    ``shape`` otherwise. Iteration gathers each parameter in model order with
-    ``GatheredParameters([p], modifier_rank=None)``, so each rank holds at most
-    one gathered parameter at a time (the sender's copies belong to the consumer).
-
-    The gather is a collective: every learner rank must iterate the source, the
-    same number of times and in the same order. Only the sender (rank 0) keeps
-    the data: it yields contiguous clones cast to ``dtype`` (clones, because the
-    gathered storage is released when the context exits, while vLLM's packed
-    producer still holds earlier tensors). Other ranks yield ``(name, None)``,
-    the convention vLLM's base class uses for data a rank does not send.
+    vLLM's NCCL sender checks every yielded tensor against ``metadata()`` (name, dtype, shape) and
+    only rank 0 sends; the other ranks iterate so the ZeRO-3 gathers stay in step.
     """
 
-    def __init__(
-        self,
-        engine: Any,
-        dtype: torch.dtype,
-        *,
-        rank: int = 0,
-        names: Optional[Collection[str]] = None,
-        device: Optional[torch.device | str] = None,
-        include_buffers: bool = False,
-    ) -> None:
-        """
-        Args:
-            engine: a DeepSpeed engine (its ``.module`` is read) or a plain module.
-            dtype: the dtype the inference engine runs, e.g. ``torch.bfloat16``.
-            rank: this learner rank; rank 0 is the only sender.
-            names: send only these parameters (e.g. the trainable ones).
-            device: move sent tensors here (e.g. "cuda" when ZeRO offloads parameters to CPU).
-            include_buffers: also send persistent buffers; non-persistent ones
-                (e.g. rotary ``inv_freq``) are never checkpoint tensors and are skipped.
-        """
-        self.module: torch.nn.Module = getattr(engine, "module", engine)
-        self.dtype = dtype
-        self.rank = rank
-        self.is_sender = rank == 0
-        self.device = torch.device(device) if device is not None else None
-        self.include_buffers = include_buffers
-        self.names = None if names is None else frozenset(names)
-        if self.names is not None:
-            unknown = sorted(self.names - {name for name, _ in self._tensors()})
-            if unknown:
-                raise ValueError(f"Zero3WeightSource: no such parameters in the model: {unknown[:5]}")
-
-    def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, parameter or persistent buffer) in model order, each shared tensor once.
-
-        Walks modules the way ``named_parameters()`` does (a module's own
-        parameters, then its children), so with buffers off the order is exactly
-        ``named_parameters()``; tied weights (lm_head = embed_tokens) appear once.
-        """
-        seen: set[int] = set()
-        for prefix, module in self.module.named_modules():
-            dot = prefix + "." if prefix else ""
-            for local, param in module._parameters.items():
-                if param is None or id(param) in seen:
-                    continue
-                seen.add(id(param))
-                yield dot + local, param
-            if not self.include_buffers:
-                continue
-            skipped = module._non_persistent_buffers_set
-            for local, buffer in module._buffers.items():
-                if buffer is None or local in skipped or id(buffer) in seen:
-                    continue
-                seen.add(id(buffer))
-                yield dot + local, buffer
-
-    def _selected(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self._tensors():
-            if self.names is None or name in self.names:
-                yield name, tensor
-
     def metadata(self) -> list[ParamMeta]:
-        return [
-            ParamMeta(name, self.dtype, tuple(tensor.ds_shape if hasattr(tensor, "ds_id") else tensor.shape))
-            for name, tensor in self._selected()
-        ]
-
-    def __iter__(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-        import deepspeed
-
-        for name, tensor in self._selected():
-            # A no-op for tensors without ds_id (ZeRO-1/2 parameters, buffers).
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
-                if not self.is_sender:
-                    yield name, None
-                    continue
-                full = tensor.detach()
-                if self.device is not None:
-                    full = full.to(self.device)
-                yield name, full.to(dtype=self.dtype, memory_format=torch.contiguous_format, copy=True)
+        return [ParamMeta(name, dtype, shape) for name, dtype, shape in self.shapes()]
 
 
 # ----------------------------------------------------------------------------- layout
@@ -217,10 +131,10 @@ class Zero3WeightSource(WeightSource):
 class TransferGroup:
     """One vLLM engine's NCCL transfer group: the learner's rank 0 plus the engine's workers.
 
-    ``engine_init_info`` has the fields of vLLM's ``NCCLWeightTransferInitInfo``
-    (what ``LLM.init_weight_transfer_engine`` takes); ``trainer_init_info`` those
-    of ``NCCLTrainerInitInfo`` (what ``WeightTransferTrainerFactory.trainer_init``
-    takes; ``rank`` there is the learner rank, 0 = sender).
+    ``trainer_init_info`` has the fields of vLLM's ``NCCLTrainerInitInfo`` (what
+    ``WeightTransferTrainerFactory.trainer_init`` takes; ``rank`` there is the learner
+    rank, 0 = sender). The engine's side is derived from it by vLLM's trainer engine,
+    which sends it to the engine through the client.
     """
 
     engine_index: int
@@ -229,22 +143,12 @@ class TransferGroup:
     world_size: int
     trainer_rank: int
     worker_ranks: tuple[int, ...]
-    engine_init_info: dict[str, Any] = field(default_factory=dict)
     trainer_init_info: dict[str, Any] = field(default_factory=dict)
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on this machine (all sockets held until all are picked)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+# vLLM packs tensors into chunks of about this size (a chunk may pass it by one tensor) and keeps this many
+# in flight; each engine worker allocates them outside gpu_memory_utilization (see rollout.engine_memory_fraction).
+TRANSFER_BUFFERS = 2
 
 
 def transfer_layout(
@@ -255,6 +159,7 @@ def transfer_layout(
     *,
     pipeline_parallel_size: int = 1,
     packed: bool = True,
+    buffer_bytes: int = 256 * 2**20,
 ) -> list[TransferGroup]:
     """Rank layout for ``num_engines`` independent vLLM engines.
 
@@ -265,7 +170,7 @@ def transfer_layout(
 
     ``master_address`` must be the address of the learner's rank 0, which hosts
     every group's TCPStore; ``ports`` default to free ports picked here, so call
-    this on that machine or pass ports known to be free there.
+    this on that node or pass ports read there (``LearnerWorker.transfer_endpoints``).
     """
     if num_engines < 1 or tensor_parallel_size < 1 or pipeline_parallel_size < 1:
         raise ValueError("transfer_layout needs at least one engine and one worker per engine")
@@ -276,7 +181,6 @@ def transfer_layout(
     world_size = workers + 1
     groups = []
     for index, port in enumerate(ports):
-        common = {"master_address": master_address, "master_port": int(port), "world_size": world_size}
         groups.append(
             TransferGroup(
                 engine_index=index,
@@ -285,8 +189,11 @@ def transfer_layout(
                 world_size=world_size,
                 trainer_rank=0,
                 worker_ranks=tuple(range(1, world_size)),
-                engine_init_info={**common, "rank_offset": 1, "packed": packed},
-                trainer_init_info={**common, "packed": packed, "rank": 0},
+                trainer_init_info={
+                    "master_address": master_address, "master_port": int(port), "world_size": world_size,
+                    "packed": packed, "packed_buffer_size_bytes": int(buffer_bytes),
+                    "packed_num_buffers": TRANSFER_BUFFERS, "rank": 0,
+                },
             )
         )
     return groups
@@ -407,19 +314,11 @@ class NcclWeightSync:
         call_with_timeout("finish_weight_update", llm.finish_weight_update, timeout_s=timeout_s)
         call_with_timeout("reset_prefix_cache", llm.reset_prefix_cache, timeout_s=timeout_s)
 
-    @staticmethod
-    def engine_close(llm: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        call_with_timeout("shutdown_weight_transfer_engine", llm.shutdown_weight_transfer_engine, timeout_s=timeout_s)
-
     # -------------------------------------------------------------- trainer side (every learner rank)
     def _trainer_init_info(self, group: TransferGroup):
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-        info = {**group.trainer_init_info, "rank": self.rank}
-        accepted = {f.name for f in dataclasses.fields(NCCLTrainerInitInfo)}
-        if "packed" not in accepted:  # packed transfer is a newer vLLM option
-            info.pop("packed", None)
-        return NCCLTrainerInitInfo(**info)
+        return NCCLTrainerInitInfo(**{**group.trainer_init_info, "rank": self.rank})
 
     def connect(self, source: Zero3WeightSource) -> None:
         """Open every group; rank 0 also makes each engine join its group."""

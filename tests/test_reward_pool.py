@@ -67,7 +67,7 @@ def test_a_killed_reward_actor_is_restarted_and_its_chunk_retried(ray_local):
     pool = RewardPool(workers=1, cpus_per_worker=0.5, threads_per_worker=1, chunk_size=4)
     records = slow_records(8)
     victim = pool.actors[0]
-    ray.get(victim.ping.remote())
+    ray.get(victim.node.remote())
     killer = threading.Timer(1.5, lambda: ray.kill(victim, no_restart=False))  # mid-way through the first chunk
     killer.start()
     results = pool.grade(records)
@@ -87,7 +87,7 @@ def test_a_reward_actor_past_its_restarts_leaves_the_pool_and_its_chunk_goes_to_
     from score_ray.reward.pool import RewardPool
 
     pool = RewardPool(workers=2, cpus_per_worker=0.5, threads_per_worker=1, chunk_size=2, max_restarts=0)
-    ray.get([actor.ping.remote() for actor in pool.actors])
+    ray.get([actor.node.remote() for actor in pool.actors])
     victim = pool.actors[0]
     killer = threading.Timer(1.5, lambda: ray.kill(victim, no_restart=False))
     killer.start()

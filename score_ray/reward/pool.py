@@ -32,8 +32,10 @@ class RewardActor:
         start = time.monotonic()
         return self.grader.grade(records), time.monotonic() - start
 
-    def ping(self) -> bool:
-        return True
+    def node(self) -> dict[str, Any]:
+        from score_ray.placement import this_node
+
+        return this_node()
 
 
 class RewardPool:
@@ -46,8 +48,10 @@ class RewardPool:
         math_timeout_s: float = 5.0,
         chunk_size: int = 8,
         max_restarts: int = 3,
+        restart_wait_s: float = 300.0,
     ):
         self.chunk_size = chunk_size
+        self.restart_wait_s = restart_wait_s
         self.lost_actors = 0
         self.last_busy_seconds = 0.0
         self.actors = [
@@ -86,12 +90,16 @@ class RewardPool:
             start, size, actor = pending.pop(done[0])
             try:
                 graded, seconds = ray.get(done[0])
-            except ray.exceptions.RayActorError:  # past its restarts: drop it, hand the chunk to another
+            except ray.exceptions.RayActorError:
+                queue.append((start, records[start : start + size]))  # the chunk is redone, on it or another
+                if self._back_after_restart(actor):  # e.g. its node was lost and Ray placed it elsewhere
+                    idle.append(actor)
+                    continue
+                # past its restarts: drop it
                 self.actors = [a for a in self.actors if a != actor]
                 self.lost_actors += 1
                 if not self.actors:
                     raise RuntimeError("every reward actor died (reward.max_restarts exhausted); see the actors' logs")
-                queue.append((start, records[start : start + size]))
                 continue
             results[start : start + size] = graded
             busy[actor] = busy.get(actor, 0.0) + seconds
@@ -101,6 +109,34 @@ class RewardPool:
         self.last_busy_seconds = max(busy.values(), default=0.0)  # the busiest actor: the phase's compute
         return results  # type: ignore[return-value]
 
+    def _back_after_restart(self, actor) -> bool:
+        """Wait while Ray restarts ``actor`` (a lost node: it is placed on another one); False once it is dead
+        for good or did not come back within ``restart_wait_s``. Task retries alone run out while a node's
+        loss is still being noticed ("temporarily unavailable"), so the pool waits for the actor itself."""
+        deadline = time.monotonic() + self.restart_wait_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.node.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return True
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(1.0)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return False
+        return False
+
+    def nodes(self, timeout_s: float = 60.0) -> list[Optional[dict[str, Any]]]:
+        """Where each reward actor runs (None for one that does not answer in time)."""
+        found = []
+        for actor in self.actors:
+            try:
+                found.append(ray.get(actor.node.remote(), timeout=timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                found.append(None)
+        return found
+
     def shutdown(self) -> None:
         for actor in self.actors:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - an actor already gone with its node
+                pass

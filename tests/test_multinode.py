@@ -1,0 +1,200 @@
+"""score_ray on a three-host Ray cluster built on this machine (tests/netns_cluster.py), as users run it.
+
+The head has no CPUs for our actors (like cluster/aws.yaml, gcp.yaml and KubeRay): the job's driver runs
+there and nothing else. Host ``gpu-a`` offers ``learner_host`` (learner ranks and the reference ask for
+it), host ``gpu-b`` offers ``generator_host`` (the vLLM engine): weight sync and the learner's rendezvous
+cross hosts. Every host has its own /tmp, so each one builds the test model in its own cache; the run
+folder is on a folder all hosts see (the stand-in for /mnt/shared).
+
+A lost learner host is survived inside the job when a replacement joins (the autoscaler's new node), and
+stops the job resumably when none comes back in time; both end with the uninterrupted run's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, child_env
+from netns_cluster import Cluster, available
+
+UNAVAILABLE = available()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(UNAVAILABLE is not None, reason=f"multi-node tests need network namespaces: {UNAVAILABLE}"),
+]
+
+LEARNER_HOST = {"learner_host": 3}  # two ranks + the reference
+GENERATOR_HOST = {"generator_host": 1}
+# Three iterations with a checkpoint after each; k1 KL and a large step make the weights move, so a wrong
+# sync or checkpoint would show in the later iterations' numbers (as in test_trainer_run.py).
+COMMON = ["--config", "configs/smoke.yaml", "algo.schedule.stage2_iterations=2", "algo.kl_estimator=k1",
+          "learner.lr=1e-3", "checkpoint.every=1", "checkpoint.keep=2", "data.eval.count=8",
+          "learner.resources={learner_host: 1}", "rollout.resources={generator_host: 1}"]
+COMPARED = [f"train/{name}_t{turn}" for name in ("reward", "kl", "entropy", "length", "truncated") for turn in (1, 2)] \
+    + ["train/loss", "train/pg_loss", "train/kl_loss", "train/grad_norm", "train/i2c", "train/c2i"]
+EVAL_KEYS = ["eval/acc_t1", "eval/acc_t2", "eval/delta", "eval/delta_i2c", "eval/delta_c2i"]
+JOB_TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from score_ray.assets import torch_extensions_dir
+
+    shared = Path(tempfile.mkdtemp(prefix="score_ray-shared-", dir="/var/tmp"))  # outside every host's /tmp
+    env = child_env({
+        "RAY_AUTH_MODE": "disabled",  # the hosts' own network; token auth is covered by test_ray_job.py
+        "SCORE_RAY_CACHE": "/tmp/score_ray_cache",  # per host: each node builds its own model folder
+        # DeepSpeed's comm op, built once by the set-up, as a cluster image would carry it
+        "TORCH_EXTENSIONS_DIR": str(torch_extensions_dir()),
+        # Notice a lost node within seconds, not Ray's default half minute
+        "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+    })
+    (shared / "hosts").mkdir()
+    made = Cluster.create(shared / "hosts", env)
+    try:
+        head = made.start_head()
+        made.start_worker("gpu-a", cpus=2, resources=LEARNER_HOST)
+        made.start_worker("gpu-b", cpus=2, resources=GENERATOR_HOST)
+        made.wait_for_nodes({head.address, made.hosts["gpu-a"].address, made.hosts["gpu-b"].address})
+        made.shared = shared
+        yield made
+    finally:
+        problems = made.teardown()
+        shutil.rmtree(shared, ignore_errors=True)
+        assert not problems, problems
+
+
+def run_args(cluster, name: str, *extra: str) -> list[str]:
+    return [*COMMON, f"run.output_dir={cluster.shared / 'runs'}", f"run.name={name}", *extra]
+
+
+def run_folder(cluster, name: str) -> Path:
+    (folder,) = list((cluster.shared / "runs").glob(f"{name}-*"))
+    return folder
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(run_dir: Path, expected_dir: Path) -> None:
+    rows, expected_rows = rows_of(run_dir), rows_of(expected_dir)
+    train = {r["iteration"]: r for r in rows if "train/stage" in r}
+    expected = {r["iteration"]: r for r in expected_rows if "train/stage" in r}
+    # every iteration exactly once, though some were started twice
+    assert [r["iteration"] for r in rows if "train/stage" in r] == [1, 2, 3]
+    for iteration in (1, 2, 3):
+        for key in COMPARED:
+            assert train[iteration][key] == pytest.approx(expected[iteration][key], rel=1e-4, abs=1e-6), (iteration, key)
+    final = [r for r in rows if "eval/acc_t1" in r][-1]
+    final_expected = [r for r in expected_rows if "eval/acc_t1" in r][-1]
+    assert {k: final[k] for k in EVAL_KEYS} == {k: final_expected[k] for k in EVAL_KEYS}
+
+
+def wait_for_checkpoint(cluster, name: str, iteration: int, job, timeout: float = 600) -> Path:
+    deadline = time.monotonic() + timeout
+    pattern = f"{name}-*/checkpoints/iter-{iteration:06d}/COMPLETE"
+    while time.monotonic() < deadline:
+        found = list((cluster.shared / "runs").glob(pattern))
+        if found:
+            return found[0].parents[2]
+        assert job.poll() is None, f"the job ended before checkpoint {iteration}"
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint {iteration} within {timeout:.0f}s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster):
+    start = time.monotonic()
+    result = cluster.submit(run_args(cluster, "whole"), ROOT, timeout=JOB_TIMEOUT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output[-5000:]
+    print(f"multi-node smoke job: {time.monotonic() - start:.0f}s wall")
+    return run_folder(cluster, "whole")
+
+
+def test_the_smoke_job_runs_each_role_on_its_intended_host(cluster, uninterrupted):
+    hosts = {role: host.address for role, host in cluster.hosts.items()}
+    placement = json.loads((uninterrupted / "nodes.json").read_text())
+    assert placement["driver"]["ip"] == hosts["head"] and placement["driver"]["hostname"] == "head"
+    (first,) = placement["placements"]
+    assert [rank["ip"] for rank in first["learner_ranks"]] == [hosts["gpu-a"]] * 2
+    assert [rank["rank"] for rank in first["learner_ranks"]] == [0, 1]
+    assert first["reference"]["ip"] == hosts["gpu-a"]
+    assert [g["ip"] for g in first["generators"]] == [hosts["gpu-b"]]
+    assert {actor["ip"] for actor in first["reward_actors"]} <= {hosts["gpu-a"], hosts["gpu-b"]}  # not the head
+    # Weight sync crossed hosts and the weights moved: the KL to the reference grows iteration by iteration.
+    train = [r for r in rows_of(uninterrupted) if "train/stage" in r]
+    assert [r["iteration"] for r in train] == [1, 2, 3]
+    assert train[0]["train/kl_t1"] < 1e-6 < 1e-3 < train[2]["train/kl_t1"]
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["iterations"] == 3 and summary["learner_replacements"] == 0
+    assert (uninterrupted / "final_model" / "model.safetensors").is_file()
+    assert list((uninterrupted / "checkpoints").glob("iter-*/deepspeed"))  # written by the ranks on gpu-a
+
+
+def test_a_lost_learner_host_is_replaced_inside_the_job_with_the_same_metrics(cluster, uninterrupted):
+    """All of gpu-a's processes are killed right after checkpoint 1; a new host with the same capacity joins;
+    the same job places the learner and the reference there, reloads checkpoint 1 and finishes."""
+    log = cluster.shared / "lost-job.log"
+    job = cluster.start_submit(run_args(cluster, "lost", "cluster.resource_timeout_s=300"), ROOT, log)
+    try:
+        run_dir = wait_for_checkpoint(cluster, "lost", 1, job)
+        cluster.hosts["gpu-a"].kill()
+        time.sleep(3)
+        cluster.start_worker("gpu-c", cpus=2, resources=LEARNER_HOST)  # the autoscaler's replacement
+        job.wait(timeout=JOB_TIMEOUT)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    output = log.read_text()
+    assert job.returncode == 0 and "succeeded" in output, output[-5000:]
+    assert "placing the learner again" in output and "continuing from iter-000001" in output
+    assert_same_metrics(run_dir, uninterrupted)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["learner_replacements"] == 1
+    placements = json.loads((run_dir / "nodes.json").read_text())["placements"]
+    assert len(placements) == 2 and "died" in placements[1]["reason"]
+    replacement = cluster.hosts["gpu-c"].address
+    assert [rank["ip"] for rank in placements[1]["learner_ranks"]] == [replacement] * 2
+    assert placements[1]["reference"]["ip"] == replacement
+    assert placements[1]["generators"] == placements[0]["generators"]  # the engine lived on, not restarted
+
+
+def test_with_no_capacity_back_the_job_stops_resumably_and_the_resume_matches(cluster, uninterrupted):
+    """The learner host dies and nothing replaces it within cluster.resource_timeout_s: the job fails with a
+    message naming the checkpoint to resume from; once capacity is back, a resumed job finishes the run."""
+    learner_host = next(role for role in ("gpu-c", "gpu-a") if role in cluster.hosts and cluster.hosts[role].alive())
+    log = cluster.shared / "stranded-job.log"
+    job = cluster.start_submit(run_args(cluster, "stranded", "cluster.resource_timeout_s=15"), ROOT, log)
+    try:
+        run_dir = wait_for_checkpoint(cluster, "stranded", 1, job)
+        start = time.monotonic()
+        cluster.hosts[learner_host].kill()
+        job.wait(timeout=JOB_TIMEOUT)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    output = log.read_text()
+    assert job.returncode != 0 and "failed" in output, output[-5000:]
+    assert "no capacity for it came back within cluster.resource_timeout_s=15s" in output, output[-5000:]
+    assert "the last whole checkpoint is iter-000001: resume with run.resume=true" in output
+    assert time.monotonic() - start < 240  # it gave up after the timeout, not after minutes of hanging
+    assert not (run_dir / "summary.json").exists()
+
+    cluster.start_worker("gpu-d", cpus=2, resources=LEARNER_HOST)
+    cluster.wait_for_nodes({cluster.hosts["gpu-d"].address})
+    resumed = cluster.submit(run_args(cluster, "stranded", "run.resume=true"), ROOT, timeout=JOB_TIMEOUT)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "succeeded" in output, output[-5000:]
+    assert "resumed from iter-000001: iteration 1" in output
+    assert_same_metrics(run_dir, uninterrupted)
+    placements = json.loads((run_dir / "nodes.json").read_text())["placements"]
+    assert [rank["ip"] for rank in placements[-1]["learner_ranks"]] == [cluster.hosts["gpu-d"].address] * 2
