@@ -109,6 +109,13 @@ class FileSource(_TableSource):
     path: str
 
 
+# Hub datasets that are gone, with where the same data lives now: a user's first run should not die on data.
+RETIRED_DATASETS = {
+    "hendrycks/competition_math": "taken off the Hub in 2024; the same MATH problems (7,500 train, 5,000 test, "
+    "columns problem / level / type / solution) are in DigitalLearningGmbH/MATH-lighteval (preset: math)",
+}
+
+
 class HubSource(_TableSource):
     """A Hugging Face hub dataset (needs network; on clusters)."""
 
@@ -116,6 +123,13 @@ class HubSource(_TableSource):
     name: str
     subset: Optional[str] = None
     split: str = "train"
+
+    @field_validator("name")
+    @classmethod
+    def _not_retired(cls, value: str) -> str:
+        if value in RETIRED_DATASETS:
+            raise ValueError(f"{value} was {RETIRED_DATASETS[value]}")
+        return value
 
 
 Source = Annotated[

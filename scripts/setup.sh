@@ -12,16 +12,20 @@ REQ_HASH=$(cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-16)
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# 1. Debian packages: bubblewrap is the sandbox of the graders.
-if ! command -v bwrap >/dev/null 2>&1; then
+# 1. Debian packages: bubblewrap is the sandbox of the graders; iproute2 (`ip netns`) makes the hosts of
+#    the multi-node tests' cluster.
+debian_package() {  # debian_package COMMAND PACKAGE WHAT-HAPPENS-WITHOUT-IT
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing bubblewrap (Debian)"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null \
-      || log "WARNING: could not install bubblewrap; graders fall back to a weaker sandbox"
+    log "installing $2 (Debian)"
+    { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; } \
+      || log "WARNING: could not install $2; $3"
   else
-    log "WARNING: bubblewrap missing and apt-get not usable; graders fall back to a weaker sandbox"
+    log "WARNING: $2 missing and apt-get not usable; $3"
   fi
-fi
+}
+debian_package bwrap bubblewrap "graders fall back to a weaker sandbox"
+debian_package ip iproute2 "the multi-node tests will be skipped"
 
 # 2. The virtual environment and the pinned CPU dependency set.
 if [ ! -x "$VENV/bin/python" ]; then

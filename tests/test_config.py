@@ -64,6 +64,38 @@ def test_cross_field_rules_name_both_keys():
     assert "rollout.max_model_len" in message
 
 
+@pytest.mark.parametrize("share", [0.25, 0.5, 1.5])
+def test_a_gpu_share_that_two_ranks_could_split_or_that_idles_gpus_is_refused(share):
+    # <= 0.5: Ray may put two ranks on one GPU (NCCL refuses duplicate GPUs); > 1: every rank drives one GPU
+    message = error_of(f"learner.gpus_per_rank={share}")
+    assert "'learner.gpus_per_rank'" in message
+    assert ("two learner ranks on one GPU" if share <= 0.5 else "less than or equal to 1") in message
+
+
+@pytest.mark.parametrize("share", [0.0, 0.6, 0.8, 1.0])
+def test_gpu_shares_of_one_rank_per_gpu_are_accepted(share):
+    assert load_config("smoke", [f"learner.gpus_per_rank={share}"]).learner.gpus_per_rank == share
+
+
+def test_custom_resources_are_checked_by_name_and_amount():
+    config = load_config("smoke", ["learner.resources={trainer_node: 1}", "rollout.resources={engine_node: 0.5}"])
+    assert config.learner.resources == {"trainer_node": 1.0} and config.rollout.resources == {"engine_node": 0.5}
+    assert "set by its own key" in error_of("learner.resources={GPU: 1}")
+    assert "'rollout.resources'" in error_of("rollout.resources={engine_node: 0}")
+
+
+def test_a_retired_hub_dataset_is_refused_with_where_its_data_lives_now():
+    message = error_of("data.train={type: hf, name: hendrycks/competition_math, preset: math}")
+    assert "'data.train.name'" in message and "DigitalLearningGmbH/MATH-lighteval" in message
+
+
+def test_the_gpu_math_recipe_trains_on_maintained_math_and_evaluates_on_math500():
+    config = load_config("gpu_math_qwen2.5_1.5b.yaml")
+    assert (config.data.train.name, config.data.train.split, config.data.train.preset) == (
+        "DigitalLearningGmbH/MATH-lighteval", "train", "math")
+    assert (config.data.eval.name, config.data.eval.preset) == ("HuggingFaceH4/MATH-500", "math500")
+
+
 def test_same_generated_split_for_train_and_eval_is_refused():
     message = error_of("data.eval.split=train")
     assert "data.eval.split=test" in message

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, child_env
-from netns_cluster import Cluster, available
+from netns_cluster import RAY, Cluster, available
 
 UNAVAILABLE = available()
 pytestmark = [
@@ -138,6 +139,41 @@ def test_the_smoke_job_runs_each_role_on_its_intended_host(cluster, uninterrupte
     assert summary["iterations"] == 3 and summary["learner_replacements"] == 0
     assert (uninterrupted / "final_model" / "model.safetensors").is_file()
     assert list((uninterrupted / "checkpoints").glob("iter-*/deepspeed"))  # written by the ranks on gpu-a
+
+
+PROBE = """
+import json, socket, ray
+from score_ray.learner import LearnerWorker
+ray.init()
+rank0 = LearnerWorker.options(num_cpus=0.1, resources={"learner_host": 0.1}).remote(0, 2, "tiny-random", {}, {}, 0)
+rendezvous = ray.get(rank0.rendezvous.remote())
+transfer = ray.get(rank0.transfer_endpoints.remote(3))
+
+@ray.remote(num_cpus=0.1, resources={"learner_host": 0.1})
+def bind(ports):  # on the learner's host: every port handed out is free there
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("", port))
+    return ray.util.get_node_ip_address()
+
+print("PROBE=" + json.dumps({"driver": ray.util.get_node_ip_address(), "rendezvous": rendezvous,
+                             "transfer": transfer, "bound_on": ray.get(bind.remote([rendezvous[1], *transfer[1]]))}))
+"""
+
+
+def test_the_rendezvous_and_transfer_ports_come_from_rank_zeros_host(cluster):
+    """What learner rank 0 hands out for the DeepSpeed rendezvous and the NCCL transfer groups is its own
+    host's address and ports free there, not the driver's (the CPU-only head, where nothing listens)."""
+    command = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT), "--",
+               sys.executable, "-c", PROBE]
+    result = cluster.head.run(command, env=cluster.env, timeout=300, cwd=ROOT)
+    line = next((x for x in result.stdout.splitlines() if x.startswith("PROBE=")), None)
+    assert result.returncode == 0 and line, (result.stdout + result.stderr)[-4000:]
+    found = json.loads(line[len("PROBE="):])
+    learner, head = cluster.hosts["gpu-a"].address, cluster.head.address
+    assert found["driver"] == head
+    assert found["rendezvous"][0] == learner and found["transfer"][0] == learner
+    assert len(set(found["transfer"][1])) == 3 and found["bound_on"] == learner
 
 
 def test_a_lost_learner_host_is_replaced_inside_the_job_with_the_same_metrics(cluster, uninterrupted):

@@ -1,4 +1,8 @@
-"""`ray job submit` against a real local Ray head, as users run it on a cluster."""
+"""`ray job submit` against a real local Ray head, as users run it on a cluster.
+
+The head runs with token authentication in a fresh HOME (no ~/.ray of this machine's), as on a new
+machine: the fixture makes the token the way a user does (`ray get-auth-token --generate`).
+"""
 
 import json
 import socket
@@ -24,8 +28,16 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A head node of its own (its own ports, stopped by killing only its processes: other tests' Ray lives on)."""
-    # Ray 2.60 turns token auth on for a head when a token exists; the CLI must then send it.
-    env = child_env({"RAY_AUTH_MODE": "token"})
+    from score_ray.assets import cache_dir
+
+    home = tmp_path_factory.mktemp("fresh-home")
+    # A fresh HOME has no ~/.ray/auth_token; with RAY_AUTH_MODE=token `ray start --head` dies without one.
+    # The project cache is named explicitly: the job must not rebuild models in the empty HOME.
+    env = child_env({"RAY_AUTH_MODE": "token", "HOME": str(home), "SCORE_RAY_CACHE": str(cache_dir())})
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    made = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and (home / ".ray" / "auth_token").is_file(), made.stderr[-2000:]
     # Every port its own: another local Ray (the session's test cluster) holds the default agent ports.
     gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = (free_port() for _ in range(7))
     log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w")
@@ -46,11 +58,13 @@ def head(tmp_path_factory):
                                     "print('job ran')"], env=env, capture_output=True, text=True, timeout=240)
             if probe.returncode == 0 and "job ran" in probe.stdout:
                 break
-            assert process.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
+            log.flush()
+            assert process.poll() is None, f"the head died:\n{open(log.name).read()[-3000:]}"
+            assert time.monotonic() < deadline, f"no job ran within 240s:\n{probe.stderr[-2000:]}"
             time.sleep(2)
         yield address, env
     finally:
-        kill_tree(process)
+        kill_tree(process)  # tolerates a head that already died, so its own message is the one reported
         log.close()
 
 

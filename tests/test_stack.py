@@ -150,3 +150,25 @@ def test_a_non_finite_step_is_skipped_counted_and_the_last_good_state_checkpoint
     assert resumable_checkpoints(tmp_path)[0] == [folder] and load_state(folder).skipped_steps == 3
     group.load_checkpoint(str(folder / "deepspeed"), tag="state")
     assert group.weights_payload() == good_weights
+
+
+def test_the_engines_partial_reload_warning_is_silenced_in_the_worker_from_the_start(ray_local):
+    """Frozen layers (learner.trainable: top_layers) are not sent; vLLM's layer-wise reload, used by the CPU
+    reload and the NCCL receiver alike (which never calls our CPU loader), warns once per such layer on every
+    sync unless the engine's worker is quieted when it starts, before any sync."""
+    import logging
+
+    import ray
+
+    from score_ray.rollout import GeneratorActor
+
+    config = load_config("smoke")
+    generator = GeneratorActor.options(num_cpus=0.5).remote(
+        "tiny-random", config.rollout.model_dump(), config.prompts.model_dump(), 0, tiny_shape=config.model.tiny.model_dump())
+    try:
+        name = "vllm.model_executor.model_loader.reload.layerwise"
+        levels = ray.get(generator.__ray_call__.remote(
+            lambda actor: actor.llm.collective_rpc(lambda worker: logging.getLogger(name).getEffectiveLevel())))
+        assert levels == [logging.ERROR]
+    finally:
+        ray.kill(generator)

@@ -1,6 +1,6 @@
 """The GPU weight-sync path, checked on CPU: the ZeRO-3 weight source, the rank layout, the deadlines.
 
-No NCCL here. The DeepSpeed tests wrap the tiny model in a real ZeRO-3 engine
+No NCCL here (no CUDA). The DeepSpeed tests wrap the tiny model in a real ZeRO-3 engine
 (gloo, one process); torch.distributed is initialised once per process, so one
 module-scoped fixture holds the engine and tears the process group down after.
 """
@@ -177,18 +177,13 @@ def test_rank_layout_for_three_engines_of_tp2():
     for group in groups:
         assert group.master_address == "10.0.0.5"
         assert group.world_size == 3 and group.trainer_rank == 0 and group.worker_ranks == (1, 2)
-        assert group.engine_init_info == {
-            "master_address": "10.0.0.5",
-            "master_port": group.master_port,
-            "world_size": 3,
-            "rank_offset": 1,
-            "packed": True,
-        }
         assert group.trainer_init_info == {
             "master_address": "10.0.0.5",
             "master_port": group.master_port,
             "world_size": 3,
             "packed": True,
+            "packed_buffer_size_bytes": 256 * 2**20,
+            "packed_num_buffers": 2,
             "rank": 0,
         }
     # Within a group no two processes share a rank; across groups only ports must differ.
@@ -200,13 +195,12 @@ def test_rank_layout_for_three_engines_of_tp2():
 
 
 def test_layout_dicts_are_what_vllms_init_info_classes_accept():
-    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLWeightTransferInitInfo
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-    group = transfer_layout(2, 4, "127.0.0.1", ports=[30001, 30002])[1]
-    worker = NCCLWeightTransferInitInfo(**group.engine_init_info)
+    group = transfer_layout(2, 4, "127.0.0.1", ports=[30001, 30002], buffer_bytes=64 * 2**20)[1]
     trainer = NCCLTrainerInitInfo(**group.trainer_init_info)
-    assert (worker.master_port, worker.world_size, worker.rank_offset, worker.packed) == (30002, 5, 1, True)
     assert (trainer.master_port, trainer.world_size, trainer.packed, trainer.is_sender) == (30002, 5, True, True)
+    assert (trainer.packed_buffer_size_bytes, trainer.packed_num_buffers) == (64 * 2**20, 2)
     assert trainer.backend == "nccl"
 
 
@@ -295,3 +289,95 @@ def test_module_imports_on_cpu():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("NcclWeightSync")
+
+
+# ----------------------------------------------------------------------------- two ranks through vLLM's own trainer engine
+
+
+@pytest.fixture(scope="module")
+def two_rank_nccl_path(tmp_path_factory):
+    """Run tests/nccl_path_rank.py as ranks 0 and 1 of a ZeRO-3 group (gloo); their results, and the HF weights."""
+    from transformers import AutoModelForCausalLM
+
+    from score_ray.assets import ensure_tiny_model, torch_extensions_dir
+
+    out = tmp_path_factory.mktemp("nccl-path")
+    path = ensure_tiny_model(**SHAPE)
+    env_base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0", "TORCH_EXTENSIONS_DIR": str(torch_extensions_dir()), "OMP_NUM_THREADS": "1"}
+    script = os.path.join(os.path.dirname(__file__), "nccl_path_rank.py")
+    # 40 KB chunks: the tiny model's 1.2 MB in bf16 goes in many chunks, as a real model does in 256 MB ones
+    args = [sys.executable, script, str(out), str(path), str(_free_port()), str(40_000)]
+    ranks = [subprocess.Popen(args, env={**env_base, "RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [rank.communicate(timeout=600)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(
+        f"--- rank {index}:\n{log[-3000:]}" for index, log in enumerate(logs))
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    weights = {name: param.detach().to(torch.bfloat16) for name, param in reference.named_parameters()}
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)], weights
+
+
+@pytest.mark.slow
+def test_two_zero3_ranks_satisfy_the_installed_vllms_weight_source_contract(two_rank_nccl_path):
+    (rank0, rank1), weights = two_rank_nccl_path
+    expected_meta = [(name, "torch.bfloat16", tuple(w.shape)) for name, w in weights.items()]
+    for result in (rank0, rank1):
+        contract = result["contract"]
+        assert contract["partitioned"]  # each rank really held only a part of every parameter
+        assert contract["meta"] == expected_meta  # full shapes, model order, the dtype the engine runs
+        assert contract["names"] == list(weights)
+    # rank 0 yields every tensor as declared (vLLM's own check passed), equal to the gathered state dict
+    assert rank0["contract"]["checked"] == len(weights)
+    assert rank0["contract"]["yielded"] == [("torch.bfloat16", tuple(w.shape), True) for w in weights.values()]
+    assert all(torch.equal(rank0["contract"]["tensors"][n], w) for n, w in weights.items())
+    assert rank1["contract"]["yielded"] == [None] * len(weights)  # gathered, kept nothing
+
+
+@pytest.mark.slow
+def test_vllms_trainer_engine_sends_every_weight_to_the_engine_side_as_declared(two_rank_nccl_path):
+    (rank0, rank1), weights = two_rank_nccl_path
+    # Only rank 0 opens a transfer group and talks to the engine; rank 1 only joins the gathers.
+    assert rank0["is_sender"] == [True] and rank0["opened"] == 1
+    assert rank1["is_sender"] == [False] and rank1["opened"] == 0
+    # The handshake the engine receives: its rank offset, the group's size, our buffer settings.
+    init = rank0["init"]
+    assert (init["master_address"], init["rank_offset"], init["world_size"]) == ("127.0.0.1", 1, 3)
+    assert (init["packed"], init["packed_buffer_size_bytes"], init["packed_num_buffers"]) == (True, 40_000, 2)
+    # Two rounds, each start -> update -> finish, after one init.
+    assert rank0["calls"] == ["init", "start", "update", "finish", "start", "update", "finish"]
+    update = rank0["update"]
+    assert update["names"] == list(weights)
+    assert update["shapes"] == [list(w.shape) for w in weights.values()]
+    assert update["dtype_names"] == ["bfloat16"] * len(weights)
+    # Many chunks, each near the buffer size; the second round sent the same bytes.
+    assert rank0["chunks"] % 2 == 0 and rank0["chunks"] // 2 > 10 and rank0["rounds_equal"]
+    assert max(rank0["chunk_bytes"]) < 40_000 + max(w.numel() * 2 for w in weights.values())
+    # vLLM's engine-side receiver, fed the recorded bytes, rebuilds every tensor in order, bit for bit.
+    assert rank0["replay_left"] == 0
+    assert rank0["received_order"] == list(weights)
+    assert all(torch.equal(rank0["received"][n], w) for n, w in weights.items())
+
+
+# ----------------------------------------------------------------------------- the engine's memory budget
+
+
+def test_transfer_buffers_are_taken_out_of_the_engines_memory_share():
+    from score_ray.rollout import engine_memory_fraction
+
+    gib = 2**30
+    # 80 GiB GPU, 0.85 for vLLM, 2 x (256 MiB + one tensor) of buffers outside vLLM's budget
+    assert engine_memory_fraction(0.85, 80 * gib, 4 * gib) == pytest.approx(0.85 - 0.05)
+    assert engine_memory_fraction(0.85, 80 * gib, 0) == 0.85
+    with pytest.raises(ValueError, match="learner.nccl_buffer_mb"):
+        engine_memory_fraction(0.3, 16 * gib, 4 * gib)
+
+
+def test_transfer_buffer_bound_counts_two_chunks_each_allowed_one_tensor_over(tmp_path):
+    from transformers import LlamaConfig
+
+    from score_ray.rollout import transfer_buffer_bytes
+
+    LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
+    embedding = 1000 * 64 * 2  # the largest tensor, in bf16
+    assert transfer_buffer_bytes(str(tmp_path), "bfloat16", 2**20) == 2 * (2**20 + embedding)

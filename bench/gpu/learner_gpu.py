@@ -1,13 +1,16 @@
-"""Learner step throughput and MFU, and transformers generate throughput, on one GPU.
+"""What one GPU box with only torch, transformers and DeepSpeed can check and time of the GPU path.
 
     python bench/gpu/learner_gpu.py              # one H100 / H200, about 3-5 minutes
     python bench/gpu/learner_gpu.py --smoke      # CPU, a tiny model, seconds (checks the script)
 
-Self-contained: imports only torch, transformers and deepspeed (no Ray, no vLLM, no score_ray),
-so it runs on a bare GPU box. For random-initialised Qwen2-shaped models of 0.5B and 1.5B
-parameters (the shapes of Qwen2.5-0.5B / 1.5B: tied embeddings, 151936-token vocabulary):
+Imports torch, transformers, deepspeed and score_ray.weight_gather only (no Ray, no vLLM), so it
+runs on a bare GPU box with this repository's files. For random-initialised Qwen2-shaped models of
+0.5B and 1.5B parameters (the shapes of Qwen2.5-0.5B / 1.5B: tied embeddings, 151936 tokens):
 
-* learner: one DeepSpeed ZeRO rank (ZeRO-2 by default; a single-process group joined with
+* checks: the bf16 ZeRO-3 learner's loss falls over the timed steps (the same batch each step), and
+  the weight source the NCCL sync sends from (``GatheredWeights``, behind ``Zero3WeightSource``)
+  yields every parameter in full, bit-equal to DeepSpeed's own consolidated 16-bit state dict;
+* learner: one DeepSpeed ZeRO rank (ZeRO-3 by default; a single-process group joined with
   ``deepspeed.init_distributed`` from MASTER_ADDR / MASTER_PORT / RANK=0 / WORLD_SIZE=1, as the
   project's LearnerWorker does), bf16, torch AdamW, gradient checkpointing on, a causal-LM loss
   on random tokens. Reports tokens/s of full optimiser steps and model FLOPs utilisation,
@@ -18,7 +21,9 @@ parameters (the shapes of Qwen2.5-0.5B / 1.5B: tied embeddings, 151936-token voc
 * generation: transformers ``generate``, greedy with the KV cache, batch 32, 256 new tokens after
   a 128-token random prompt, bf16. Reports generated tokens/s.
 
-Prints a table and writes learner_gpu.json to $OUT if set, else to bench/results/.
+Prints a table and what it did NOT check (vLLM's GPU engine, the NCCL transfer itself, Ray
+placement, more than one rank: they need vLLM and Ray, which this box lacks), and writes
+learner_gpu.json to $OUT if set, else to bench/results/.
 """
 
 from __future__ import annotations
@@ -33,7 +38,18 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import sys
+
 import torch
+
+# score_ray.weight_gather needs only torch and DeepSpeed; the repository root is not on sys.path by default.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+NOT_CHECKED = [
+    "vLLM's GPU engine and its NCCL receive (vLLM is not on this box)",
+    "the NCCL transfer between learner rank 0 and the engines (needs vLLM)",
+    "Ray placement, the weight sync round trip, more than one learner rank",
+]
 
 # Qwen2 shapes (Qwen2.5-0.5B and -1.5B): hidden, layers, heads, kv heads, intermediate.
 SHAPES = {
@@ -144,12 +160,14 @@ def bench_learner(name: str, args: argparse.Namespace, device: str, dtype: torch
         losses.append(float(loss.detach()))
     seconds = statistics.median(times)
     tokens = args.batch * args.seq
+    source_check = check_weight_source(engine, dtype) if args.zero_stage == 3 else None
     result = {
         "model": name, "params_matmul": n_params, "zero_stage": args.zero_stage, "batch": args.batch, "seq": args.seq,
         "tokens_per_step": tokens, "step_seconds_median": seconds, "step_seconds": times,
         "tokens_per_s": tokens / seconds, "model_tflops_per_s": 6 * n_params * tokens / seconds / 1e12,
         "mfu": (6 * n_params * tokens / seconds / 1e12 / peak) if peak else None,
-        "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_first": losses[0], "loss_last": losses[-1], "loss_falls": losses[-1] < losses[0],
+        "weight_source": source_check,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }
@@ -158,6 +176,35 @@ def bench_learner(name: str, args: argparse.Namespace, device: str, dtype: torch
     del engine, optimizer, model, ids, loss
     free_memory()
     return result
+
+
+def check_weight_source(engine, dtype: torch.dtype) -> dict[str, Any]:
+    """GatheredWeights (what Zero3WeightSource sends) against DeepSpeed's consolidated 16-bit state dict."""
+    from score_ray.weight_gather import GatheredWeights
+
+    start = time.perf_counter()
+    expected = engine._zero3_consolidated_16bit_state_dict()  # DeepSpeed's own gather (rank 0 keeps it)
+    source = GatheredWeights(engine, dtype)
+    declared = source.shapes()
+    mismatches, count, sent_bytes = [], 0, 0
+    for (name, tensor), (declared_name, declared_dtype, shape) in zip(source, declared):
+        count += 1
+        sent_bytes += tensor.numel() * tensor.element_size()
+        if name != declared_name or tensor.dtype != declared_dtype or tuple(tensor.shape) != shape:
+            mismatches.append(f"{name}: yielded {tensor.dtype} {tuple(tensor.shape)}, declared {declared_dtype} {shape}")
+        elif not torch.equal(tensor, expected[name].to(dtype)):
+            mismatches.append(f"{name}: values differ from the consolidated state dict")
+    # every parameter once (the consolidated dict also lists a tied lm_head under its own name)
+    parameters = [name for name, _ in engine.module.named_parameters()]
+    missing = sorted(set(parameters) - {name for name, _, _ in declared})
+    if missing:
+        mismatches.append(f"not sent: {missing[:5]}")
+    released = all(p.numel() == 0 for p in engine.module.parameters())  # nothing gathered stays behind
+    if not released:
+        mismatches.append("gathered parameters were not released")
+    return {"tensors": count, "declared": len(declared), "mismatches": mismatches[:5],
+            "ok": not mismatches and count == len(declared) == len(parameters), "bytes": sent_bytes,
+            "seconds": time.perf_counter() - start}
 
 
 @torch.inference_mode()
@@ -195,7 +242,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, a tiny model, fp32, gloo: checks the script in seconds")
     parser.add_argument("--models", default="0.5B,1.5B")
-    parser.add_argument("--zero-stage", type=int, default=2, choices=[1, 2, 3])
+    parser.add_argument("--zero-stage", type=int, default=3, choices=[1, 2, 3],
+                        help="3 (default) also checks the ZeRO-3 weight source")
     parser.add_argument("--batch", type=int, default=8, help="sequences per learner step")
     parser.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--warmup", type=int, default=3)
@@ -270,10 +318,29 @@ def main() -> None:
               f"{row['tokens_per_s']:10.0f}")
     print(f"(MFU = 6 N tokens / s / peak bf16, N = all parameters, the tied embedding once; "
           f"total {result['wall_seconds']:.0f} s)")
+    print()
+    checks = []
+    for row in learner:
+        checks.append((f"learner {row['model']}: loss falls ({row['loss_first']:.3f} -> {row['loss_last']:.3f})",
+                       row["loss_falls"]))
+        source = row["weight_source"]
+        if source is not None:
+            detail = (f"{source['tensors']} tensors, {source['bytes'] / 2**30:.2f} GiB in {source['seconds']:.1f} s"
+                      + (f"; {source['mismatches']}" if source["mismatches"] else ""))
+            checks.append((f"learner {row['model']}: ZeRO-3 weight source = consolidated state dict ({detail})",
+                           source["ok"]))
+    for label, ok in checks:
+        print(f"  [{'ok' if ok else 'FAILED'}] {label}")
+    for label in NOT_CHECKED:
+        print(f"  [not checked here] {label}")
+    result["checks"] = [{"check": label, "ok": ok} for label, ok in checks]
+    result["not_checked"] = NOT_CHECKED
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent.parent / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "learner_gpu.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'learner_gpu.json'}")
+    if not all(ok for _, ok in checks):
+        raise SystemExit("a check FAILED (see above)")
 
 
 if __name__ == "__main__":
