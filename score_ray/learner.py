@@ -15,7 +15,7 @@ The group's rendezvous (torch's TCPStore, MASTER_ADDR / MASTER_PORT) lives on ra
 0's node, read there once the placement group has put rank 0 somewhere: on a cluster
 the driver runs on a CPU-only head where nothing listens. A rank that dies (its node
 lost) fails the group's call at once with ``LearnerLost``; the trainer replaces the
-group and reloads the last whole checkpoint.
+group and reloads the last whole checkpoint (with NCCL weight sync it stops instead).
 """
 
 from __future__ import annotations
@@ -27,24 +27,36 @@ from typing import Any, Optional
 import ray
 
 from score_ray import algo
+from score_ray.placement import LearnerLost
 
 
-class LearnerLost(RuntimeError):
-    """A learner rank or the reference died (e.g. its node was lost); the group cannot go on as it is."""
-
-
-def gather(refs: list, role: str = "learner rank") -> list:
+def gather(refs: list, role: str = "learner rank", grace_s: float = 60.0) -> list:
     """``ray.get`` of every ref, raising ``LearnerLost`` as soon as ONE actor died: the others may be
-    blocked in a collective with the dead one and would never answer."""
+    blocked in a collective with the dead one and would never answer.
+
+    A survivor's collective often fails (connection reset by the dead peer) before Ray reports the death
+    itself; after such an error the other refs get ``grace_s`` to show whether a peer died, which makes the
+    failure a ``LearnerLost``, before the error is raised as it is.
+    """
     pending = {ref: index for index, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
+    first_error: Optional[BaseException] = None
+    deadline = None
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+        if not done:  # grace over: no peer reported dead
+            break
         index = pending.pop(done[0])
         try:
             results[index] = ray.get(done[0])
         except ray.exceptions.RayActorError as err:
             raise LearnerLost(f"{role} {index} died ({str(err).splitlines()[0][:240]})") from err
+        except Exception as err:  # noqa: BLE001 - re-raised below unless a peer turns out dead
+            if first_error is None:
+                first_error, deadline = err, time.monotonic() + grace_s
+    if first_error is not None:
+        raise first_error
     return results
 
 
@@ -418,9 +430,13 @@ class LearnerGroup:
                      dtype, temperature, tiny_shape)
             for rank in range(learner.num_ranks)
         ]
-        # The TCPStore listens on rank 0's node, not the driver's (a CPU-only head on a cluster).
-        address, port = gather([self.workers[0].rendezvous.remote()])[0]
-        self.nodes = gather([worker.setup.remote(address, port) for worker in self.workers])
+        try:
+            # The TCPStore listens on rank 0's node, not the driver's (a CPU-only head on a cluster).
+            address, port = gather([self.workers[0].rendezvous.remote()])[0]
+            self.nodes = gather([worker.setup.remote(address, port) for worker in self.workers])
+        except BaseException:
+            self.shutdown()  # a half-built group must not hold its placement
+            raise
         self.max_tokens = learner.micro_batch_tokens
 
     def train_step(self, samples: list[dict[str, Any]], off_policy: bool = False) -> dict[str, float]:
@@ -476,4 +492,7 @@ class LearnerGroup:
                 ray.kill(worker)
             except Exception:  # noqa: BLE001 - an actor already gone with its node
                 pass
-        ray.util.remove_placement_group(self.group)
+        try:
+            ray.util.remove_placement_group(self.group)
+        except Exception:  # noqa: BLE001 - removed already
+            pass

@@ -13,6 +13,10 @@ import socket
 from typing import Any
 
 
+class LearnerLost(RuntimeError):
+    """A learner rank or the reference died (e.g. its node was lost); the group cannot go on as it is."""
+
+
 def free_ports(count: int = 1) -> list[int]:
     """``count`` distinct TCP ports free on THIS node (all held until all are picked)."""
     sockets = []

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from score_ray import algo
 from score_ray.config import Config, dump_config
-from score_ray.learner import LearnerLost
+from score_ray.placement import LearnerLost
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -414,7 +414,7 @@ class Run:
             for index in range(rollout.num_generators)
         ]
         self.reference = self._start_reference()
-        self.pool = RewardPool.from_config(config.reward)
+        self.pool = RewardPool.from_config(config.reward, restart_wait_s=max(60.0, config.cluster.resource_timeout_s))
         self.learner = self._start_learner()
         ready = [g.ready.remote() for g in self.generators] + [self.reference.ready.remote()]
         done, pending = ray.wait(ready, num_returns=len(ready), timeout=max(600.0, config.cluster.resource_timeout_s))
@@ -463,7 +463,7 @@ class Run:
             "reason": reason,
             "learner_ranks": self.learner.nodes,
             "reference": gather([self.reference.ready.remote()], "reference")[0],
-            "generators": ray.get([g.ready.remote() for g in self.generators]),
+            "generators": [self._node_of(g) for g in self.generators],
             "reward_actors": self.pool.nodes(),
         }
         path = self.run_dir / "nodes.json"
@@ -474,15 +474,23 @@ class Run:
         tmp.write_text(json.dumps({"driver": this_node(), "placements": self.placements}, indent=1))
         os.replace(tmp, path)
 
+    @staticmethod
+    def _node_of(actor, timeout_s: float = 60.0) -> Optional[dict[str, Any]]:
+        """An actor's node, or None when it does not answer in time (e.g. restarting, waiting for capacity)."""
+        import ray
+
+        try:
+            return ray.get(actor.ready.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return None
+
     def replace_learner(self, iteration: int, reason: str) -> None:
         """A learner rank or the reference is gone (its node was lost): place the group (and the reference, if it
         went too) again, waiting ``cluster.resource_timeout_s`` for capacity, e.g. an autoscaler's new node.
-        The new group starts from the base weights: the caller loads the last whole checkpoint into it."""
+        The new group starts from the base weights: the caller loads the last whole checkpoint into it.
+        Raises ``PlacementTimeout`` when the cluster cannot place them in time."""
         import ray
 
-        if self.nccl:
-            raise RuntimeError(f"{reason}; with NCCL weight sync the engines' transfer groups belong to the lost "
-                               "rank 0, so the run stops here: resume it with run.resume=true from the last checkpoint")
         self.learner.shutdown()
         try:
             ray.get(self.reference.ready.remote(), timeout=30)
@@ -492,11 +500,15 @@ class Run:
             except Exception:  # noqa: BLE001 - already gone with its node
                 pass
             self.reference = self._start_reference()
-        self.learner = self._start_learner()  # raises, naming the keys, when no capacity comes back in time
         try:
-            ray.get(self.reference.ready.remote(), timeout=max(60.0, self.config.cluster.resource_timeout_s))
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError("the reference could not be placed again in time") from None
+            self.learner = self._start_learner()
+        except RuntimeError as err:  # LearnerGroup could not place its ranks in time
+            raise PlacementTimeout(str(err)) from err
+        wait = max(60.0, self.config.cluster.resource_timeout_s)
+        try:
+            ray.get(self.reference.ready.remote(), timeout=wait)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as err:
+            raise PlacementTimeout(f"the reference was not placed again within {wait:g}s ({type(err).__name__})") from err
         self.learner_replacements += 1
         self.record_placement(iteration, reason)
 
@@ -564,7 +576,11 @@ class Run:
                     "used up; resume with run.resume=true from the last checkpoint"
                 ) from None
         if self.weights_ref is not None:
-            ray.get(self.generators[index].update_weights.remote(self.weights_ref, self.version))
+            try:
+                ray.get(self.generators[index].update_weights.remote(self.weights_ref, self.version))
+            except ray.exceptions.ObjectLostError as lost:  # rank 0 owned the payload and was lost too
+                raise LearnerLost(f"generator {index} and the weights published by learner rank 0 were lost "
+                                  f"({type(lost).__name__})") from lost
         self.restarts += 1
         print(f"score_ray: generator {index} restarted, weights re-synced (version {self.version}); "
               "redoing its problems", file=sys.stderr, flush=True)
@@ -584,8 +600,6 @@ class Run:
         try:
             results = ray.get([g.update_weights.remote(self.weights_ref, self.version) for g in self.generators])
         except ray.exceptions.ObjectLostError as err:  # rank 0 owned the payload; its node went with it
-            from score_ray.learner import LearnerLost
-
             raise LearnerLost(f"the weights published by learner rank 0 were lost ({type(err).__name__})") from err
         load = max(r["seconds"] for r in results)
         return {"perf/sync_seconds": time.monotonic() - start, "perf/sync_mb": size / 1e6,
@@ -633,6 +647,8 @@ def _resume(run_dir: Path, actors: Run) -> tuple[Optional[Path], TrainerState]:
         try:
             state = load_state(folder)
             actors.learner.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        except LearnerLost:  # the group itself went: not the checkpoint's fault
+            raise
         except Exception as err:  # noqa: BLE001 - an unreadable checkpoint: fall back to the one before
             print(f"score_ray: skipping checkpoint {folder.name}: it does not load ({err})", file=sys.stderr, flush=True)
             continue
@@ -640,19 +656,29 @@ def _resume(run_dir: Path, actors: Run) -> tuple[Optional[Path], TrainerState]:
     return None, TrainerState()
 
 
+MAX_RECOVERIES_IN_ROW = 3  # learner losses while the previous one is still being recovered
+
+
+class PlacementTimeout(RuntimeError):
+    """The cluster did not place a role again within cluster.resource_timeout_s."""
+
+
 def recover_learner(actors: Run, run_dir: Path, state: TrainerState, config: Config, rng: random.Random,
                     reason: str) -> tuple[TrainerState, random.Random]:
     """Replace a lost learner group (waiting for capacity), load the newest whole checkpoint into it (or start
     over when none was written yet), move the metric rows logged after it aside and re-sync the generators."""
     timeout = config.cluster.resource_timeout_s
+    whole = resumable_checkpoints(run_dir)[0]
+    where = (f"the last whole checkpoint is {whole[0].name}: resume with run.resume=true" if whole
+             else "no checkpoint was written yet: start it again")
+    if actors.nccl:
+        raise RuntimeError(f"{reason}; with NCCL weight sync the engines' transfer groups belong to the lost rank 0, "
+                           f"so the run stops here; {where}")
     print(f"score_ray: {reason}; placing the learner again (waiting up to {timeout:g}s for capacity) ...",
           file=sys.stderr, flush=True)
-    whole = resumable_checkpoints(run_dir)[0]
     try:
         actors.replace_learner(state.iteration, reason)
-    except RuntimeError as err:
-        where = (f"the last whole checkpoint is {whole[0].name}: resume with run.resume=true" if whole
-                 else "no checkpoint was written yet: start it again")
+    except PlacementTimeout as err:
         raise RuntimeError(f"{reason}, and no capacity for it came back within cluster.resource_timeout_s="
                            f"{timeout:g}s ({err}); the run stops here; {where}") from err
     base_eval = state.base_eval
@@ -866,7 +892,14 @@ def run(config: Config, run_dir: Path) -> int:
                 # A lost node took a learner rank or the reference: place them again, roll back to the last
                 # whole checkpoint and go on; the redone iterations sample and learn what the lost ones did.
                 prefetched = None
-                state, rng = recover_learner(actors, run_dir, state, config, rng, f"{lost}")
+                for attempt in range(1, MAX_RECOVERIES_IN_ROW + 1):
+                    try:
+                        state, rng = recover_learner(actors, run_dir, state, config, rng, f"{lost}")
+                        break
+                    except LearnerLost as again:  # lost once more while being placed or reloaded
+                        if attempt == MAX_RECOVERIES_IN_ROW:
+                            raise
+                        lost = again
                 learner_steps = actors.version
                 bar.n = state.iteration
                 bar.refresh()
@@ -904,7 +937,7 @@ def run(config: Config, run_dir: Path) -> int:
         print(f"run folder: {run_dir} (summary.json, metrics.jsonl, final_model/, "
               + ", ".join(p.name for p in plots) + ")", flush=True)
         return 0
-    except ray.exceptions.RayActorError as err:  # a learner rank or the reference: the group cannot go on
+    except (ray.exceptions.RayActorError, LearnerLost) as err:  # outside the loop's recovery: set-up, final save
         raise RuntimeError(f"an actor died ({str(err).splitlines()[0][:300]}); the run stops here: resume it "
                            "with run.resume=true from the last checkpoint") from err
     finally:

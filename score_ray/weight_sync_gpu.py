@@ -351,7 +351,7 @@ class NcclWeightSync:
             )
 
     def close(self) -> None:
-        """Destroy the trainer-side communicators (engines: ``engine_close``)."""
+        """Destroy the trainer-side communicators."""
         for engine in self.engines:
             engine.shutdown()
         self.engines = []

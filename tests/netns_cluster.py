@@ -102,11 +102,15 @@ class Cluster:
     next_octet: int = 101
     dashboard_port: int = 8265
     gcs_port: int = 6379
+    keep_visible: list[Path] = field(default_factory=list)  # folders under /tmp every host must still see
 
     @classmethod
-    def create(cls, workdir: Path, env: dict) -> "Cluster":
+    def create(cls, workdir: Path, env: dict, keep_visible: Optional[list[Path]] = None) -> "Cluster":
+        if str(workdir.resolve()).startswith("/tmp/"):
+            raise ValueError(f"{workdir}: the cluster's shared folder must not be under /tmp (each host has its own)")
         prefix = f"sr{os.getpid() % 100000}"
-        cluster = cls(prefix=prefix, workdir=workdir, env=env, switch=f"{prefix}-sw")
+        cluster = cls(prefix=prefix, workdir=workdir, env=env, switch=f"{prefix}-sw",
+                      keep_visible=[Path(p).resolve() for p in keep_visible or []])
         _ip("netns", "add", cluster.switch)
         _ip("-n", cluster.switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", cluster.switch, "link", "set", "br0", "up")
@@ -144,10 +148,21 @@ class Cluster:
         """Make a host and start ``ray start --block`` on it; returns once its init process is known."""
         host = self._add_namespace(role)
         # Inside: a private /tmp and /dev/shm, a host name, then Ray. exec keeps Ray as the namespace's init.
+        # What must stay visible under /tmp (a checkout and its venv there, as in CI's clone) is bound back
+        # over the new /tmp through a holding mount point (made only in this host's mount namespace).
+        under_tmp = [path for path in self.keep_visible if str(path).startswith("/tmp/")]
+        keep = [path for path in under_tmp if not any(other in path.parents for other in under_tmp)]
+        hold = self.workdir / f"hold-{role}"
+        steps = []
+        for index, path in enumerate(keep):
+            (hold / str(index)).mkdir(parents=True, exist_ok=True)
+            steps.append(f"mount --bind '{path}' '{hold / str(index)}'")
+        steps += ["mount -t tmpfs -o size=6g tmpfs /tmp", "mount -t tmpfs -o size=2g tmpfs /dev/shm"]
+        for index, path in enumerate(keep):
+            steps.append(f"mkdir -p '{path}' && mount --bind '{hold / str(index)}' '{path}'")
         inside = (
-            "mount -t tmpfs -o size=6g tmpfs /tmp && mount -t tmpfs -o size=2g tmpfs /dev/shm && "
-            f"hostname {role} && exec {RAY} start --block --disable-usage-stats --node-ip-address={host.address} "
-            + " ".join(f"'{arg}'" for arg in ray_args)
+            " && ".join(steps) + f" && hostname {role} && exec {RAY} start --block --disable-usage-stats "
+            f"--node-ip-address={host.address} " + " ".join(f"'{arg}'" for arg in ray_args)
         )
         log = open(host.log, "w")
         host.process = subprocess.Popen(

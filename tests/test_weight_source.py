@@ -308,9 +308,20 @@ def two_rank_nccl_path(tmp_path_factory):
     script = os.path.join(os.path.dirname(__file__), "nccl_path_rank.py")
     # 40 KB chunks: the tiny model's 1.2 MB in bf16 goes in many chunks, as a real model does in 256 MB ones
     args = [sys.executable, script, str(out), str(path), str(_free_port()), str(40_000)]
-    ranks = [subprocess.Popen(args, env={**env_base, "RANK": str(rank)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    logs = [rank.communicate(timeout=600)[0] for rank in ranks]
+    logs = [out / f"rank{rank}.log" for rank in (0, 1)]
+    ranks = []
+    try:
+        for rank, log in zip((0, 1), logs):
+            with open(log, "w") as handle:
+                ranks.append(subprocess.Popen(args, env={**env_base, "RANK": str(rank)}, stdout=handle,
+                                              stderr=subprocess.STDOUT))
+        for rank in ranks:
+            rank.wait(timeout=600)
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    logs = [log.read_text(errors="replace") for log in logs]
     assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(
         f"--- rank {index}:\n{log[-3000:]}" for index, log in enumerate(logs))
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -34,11 +34,10 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
-
-import sys
 
 import torch
 

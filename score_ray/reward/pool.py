@@ -61,8 +61,9 @@ class RewardPool:
         ]
 
     @classmethod
-    def from_config(cls, reward_config) -> "RewardPool":
+    def from_config(cls, reward_config, restart_wait_s: float = 300.0) -> "RewardPool":
         return cls(
+            restart_wait_s=restart_wait_s,
             workers=reward_config.workers,
             cpus_per_worker=reward_config.cpus_per_worker,
             threads_per_worker=reward_config.threads_per_worker,
