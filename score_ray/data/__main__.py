@@ -71,6 +71,28 @@ def _show(label: str, problems: list[Problem], config: Config, count: int) -> No
     print(rule)
 
 
+def _report_text_only(label: str, problems: list[Problem]) -> None:
+    """Count the math references the symbolic judge cannot read whole: their answers are graded as text
+    only (stricter: an equal value written another way earns 0), so a user sees it before training."""
+    from tqdm import tqdm
+
+    from score_ray.reward.math import MathJudge, needs_symbolic_reading
+
+    references = list(dict.fromkeys(p.answer for p in problems if p.kind == "math" and needs_symbolic_reading(p.answer)))
+    if not references:
+        return
+    judge = MathJudge(timeout_s=10.0)
+    try:
+        progress = tqdm(references, desc=f"{label}: reading references", leave=False, disable=not sys.stderr.isatty())
+        strict = [reference for reference in progress if not judge.reads_whole(reference)]
+    finally:
+        judge.close()
+    print(f"{label}: {len(strict)} of {len(problems)} math references are compared as text only "
+          "(the symbolic judge cannot read them whole)")
+    for reference in strict[:5]:
+        print(f"  text only: {reference[:120]!r}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m score_ray.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +109,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{label}: {report.summary()}")
             for example in report.examples:
                 print(f"  skipped {example}")
+            _report_text_only(label, problems)
             if args.n > 0:
                 _show(label, problems, config, args.n)
     except (ConfigError, DataError, FileNotFoundError) as err:
