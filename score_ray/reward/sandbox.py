@@ -6,7 +6,8 @@ The default backend is bubblewrap:
   home folders, the project folder and the host's /tmp hidden behind empty tmpfs mounts;
 - an environment rebuilt from nothing (no WANDB_API_KEY, AWS_*, HF_TOKEN, ...);
 - an unprivileged uid (65534) with no capabilities, so RLIMIT_NPROC really bites;
-- rlimits: CPU seconds, address space, processes, file size, open files;
+- rlimits: CPU seconds, address space, processes, file size, open files (set by a trusted launcher the
+  sandboxed interpreter runs before the program, see ``LAUNCHER``);
 - a wall-clock limit after which the whole process group is killed (bwrap's --die-with-parent takes
   the sandbox's PID namespace down with it).
 
@@ -21,7 +22,7 @@ filling the grader's memory; only the last ``max_output_kb`` are read back.
 from __future__ import annotations
 
 import os
-import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -172,15 +173,31 @@ def _clean_environment() -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def _set_limits(limits: SandboxLimits) -> None:
-    """Runs in the child between fork and exec: rlimits are inherited by everything it starts."""
+# Trusted code the sandboxed interpreter runs first: it sets the rlimits (hard = soft, so they cannot be
+# raised again; everything the program starts inherits them), then runs ``main`` as __main__. Setting them
+# here, as the unprivileged uid, instead of in a preexec_fn between fork and exec of the grader lets Python
+# spawn the sandbox with vfork: a fork of a large grader process (a Ray actor) cost more than the sandbox.
+LAUNCHER = """\
+import resource as r, sys
+cpu, memory, processes, size, files, main = sys.argv[1:7]
+for kind, soft, hard in ((r.RLIMIT_CPU, int(cpu), int(cpu) + 1), (r.RLIMIT_AS, int(memory), int(memory)),
+                         (r.RLIMIT_NPROC, int(processes), int(processes)), (r.RLIMIT_FSIZE, int(size), int(size)),
+                         (r.RLIMIT_NOFILE, int(files), int(files)), (r.RLIMIT_CORE, 0, 0)):
+    r.setrlimit(kind, (soft, hard))
+del r, cpu, memory, processes, size, files, kind, soft, hard
+sys.argv = [main]
+with open(main) as handle:
+    source = handle.read()
+exec(compile(source, main, "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+"""
+
+
+def _launch(python: str, main: str, limits: SandboxLimits) -> list[str]:
+    """``python -I -S -c LAUNCHER <limits> main``: the program under its rlimits from its first line."""
     mb = 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_mb * mb, limits.max_file_mb * mb))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    numbers = (limits.cpu_seconds, limits.memory_mb * mb, limits.max_processes, limits.max_file_mb * mb,
+               limits.max_open_files)
+    return [python, "-I", "-S", "-c", LAUNCHER, *map(str, numbers), main]
 
 
 def _tail(path: Path, max_bytes: int) -> str:
@@ -217,10 +234,10 @@ def run_python(
         stdout_path, stderr_path, stdin_path = Path(work) / "stdout", Path(work) / "stderr", Path(work) / "stdin"
         stdin_path.write_text(stdin)
         if backend == "bwrap":
-            command = _bwrap_command(str(code_dir), limits) + [python, "-I", "-S", f"/tmp/.sandbox/{main}"]
+            command = _bwrap_command(str(code_dir), limits) + _launch(python, f"/tmp/.sandbox/{main}", limits)
             cwd, env = "/", None
         else:
-            command = _unshare_command() + [python, "-I", "-S", str(code_dir / main)]
+            command = _unshare_command() + _launch(python, str(code_dir / main), limits)
             cwd, env = str(code_dir), _clean_environment()
         start = time.monotonic()
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err, open(stdin_path, "rb") as inp:
@@ -232,16 +249,12 @@ def run_python(
                 cwd=cwd,
                 env=env if env is not None else _clean_environment(),
                 start_new_session=True,  # our own process group, killed whole on timeout
-                preexec_fn=lambda: _set_limits(limits),
                 close_fds=True,
             )
-            timed_out = False
-            try:
-                exit_code: Optional[int] = process.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            exit_code = _wait(process, limits.wall_seconds)
+            timed_out = exit_code is None
+            if timed_out:
                 _kill_group(process)
-                exit_code = None
         seconds = time.monotonic() - start
         max_bytes = limits.max_output_kb * 1024
         return SandboxResult(
@@ -252,6 +265,24 @@ def run_python(
             seconds=seconds,
             backend=backend,
         )
+
+
+def _wait(process: subprocess.Popen, timeout_s: float) -> Optional[int]:
+    """The exit code, or None after ``timeout_s``. Waits on a pidfd, which wakes the moment the process
+    ends: ``Popen.wait(timeout)`` polls with sleeps that double up to 50 ms, idling a grader thread for
+    up to that long after every program."""
+    try:
+        handle = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel): the polling wait
+        try:
+            return process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+    try:
+        ready, _, _ = select.select([handle], [], [], timeout_s)
+    finally:
+        os.close(handle)
+    return process.wait() if ready else None
 
 
 def _kill_group(process: subprocess.Popen) -> None:
