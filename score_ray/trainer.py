@@ -453,8 +453,6 @@ class Run:
 
     def record_placement(self, iteration: int, reason: str) -> None:
         """Append where every role runs now to the run folder's nodes.json (the driver's node included)."""
-        import ray
-
         from score_ray.learner import gather
         from score_ray.placement import this_node
 
