@@ -86,22 +86,23 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _seeds(index: int, count: int) -> list[int]:
-    """Per-problem sampling seeds, as the trainer passes them (score_ray.trainer.sampling_seeds), same on both sides."""
+    """Per-problem sampling seeds, as the trainer passes them (score_ray.batches.sampling_seeds), same on both sides."""
     return [1000 * (index + 1) + i for i in range(count)]
 
 
 def _problem(p: dict[str, Any]):
     from score_ray.data import Problem
 
-    return Problem(**{**p, "fewshot": tuple(tuple(s) for s in p.get("fewshot", ()))})  # as GeneratorActor does
+    return Problem(**{**p, "fewshot": tuple(tuple(s) for s in p.get("fewshot", ()))})  # JSON made the tuples lists
 
 
 def _prompter(spec: dict[str, Any]):
     from transformers import AutoTokenizer
 
-    from score_ray.prompts import PromptSet, TwoTurnPrompter
+    from score_ray.config import PromptsConfig
+    from score_ray.prompts import TwoTurnPrompter
 
-    return TwoTurnPrompter(AutoTokenizer.from_pretrained(spec["model_path"]), PromptSet(**spec["prompts"]))
+    return TwoTurnPrompter(AutoTokenizer.from_pretrained(spec["model_path"]), PromptsConfig(**spec["prompts"]))
 
 
 # ----------------------------------------------------------------------------- engines in worker processes
@@ -118,13 +119,12 @@ class RawVllm:
         from vllm import LLM
 
         self.prompter = _prompter(spec)
-        # GeneratorActor.__init__'s arguments on CPU (keep in step with score_ray/rollout.py)
-        self.llm = LLM(model=spec["model_path"], dtype="float32", seed=spec["seed"],
-                       max_model_len=self.rollout["max_model_len"], enforce_eager=self.rollout["enforce_eager"],
-                       worker_extension_cls="score_ray.rollout.WeightReceiver", logprobs_mode="processed_logprobs",
-                       enable_prefix_caching=True, max_num_seqs=self.rollout["max_num_seqs"],
-                       max_num_batched_tokens=max(self.rollout["max_num_batched_tokens"], self.rollout["max_model_len"]),
-                       distributed_executor_backend="uni")
+        from score_ray.config import RolloutConfig
+        from score_ray.rollout import engine_arguments
+
+        # exactly GeneratorActor's engine on CPU
+        self.llm = LLM(**engine_arguments(spec["model_path"], "float32", RolloutConfig(**self.rollout), spec["seed"],
+                                          on_gpu=False))
 
     def _params(self, max_tokens: int, greedy: bool, n: int = 1, seed: Optional[int] = None):
         from vllm import SamplingParams
@@ -246,11 +246,13 @@ class ActorSide:
     role = "actor"
 
     def __init__(self, spec: dict[str, Any]):
+        from score_ray.config import ModelConfig, PromptsConfig, RolloutConfig
         from score_ray.rollout import GeneratorActor
 
         self.spec = spec
-        self.actor = GeneratorActor.options(num_cpus=THREADS).remote(spec["model_path"], spec["rollout"], spec["prompts"],
-                                                                      spec["seed"])
+        self.actor = GeneratorActor.options(num_cpus=THREADS).remote(
+            ModelConfig(path=spec["model_path"]), RolloutConfig(**spec["rollout"]), PromptsConfig(**spec["prompts"]),
+            spec["seed"])
 
     def ready(self) -> None:
         import ray
@@ -261,13 +263,13 @@ class ActorSide:
     def run(self, what: str, index: int) -> dict[str, Any]:
         import ray
 
-        greedy, problems = what == "greedy", self.spec["slices"][index]
+        greedy, problems = what == "greedy", [_problem(p) for p in self.spec["slices"][index]]
         start = time.perf_counter()
-        episodes = ray.get(self.actor.generate.remote(problems, self.spec["samples"], greedy,
-                                                      None if greedy else _seeds(index, len(problems))))
+        generated = ray.get(self.actor.generate.remote(problems, self.spec["samples"], greedy,
+                                                       None if greedy else _seeds(index, len(problems))))
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "tokens": sum(len(e["y1"]) + len(e["y2"]) for e in episodes),
-                "inside": episodes[0]["gen_seconds"]}
+        return {"seconds": seconds, "tokens": sum(len(e.y1) + len(e.y2) for e in generated.episodes),
+                "inside": generated.seconds}
 
     def close(self) -> None:
         import ray

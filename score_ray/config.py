@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import difflib
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from score_ray import algo as _algo
 from score_ray import prompts as _prompts
 
 Split = Literal["train", "test"]
@@ -279,23 +281,51 @@ class ScheduleConfig(_Strict):
     rounds: int = Field(1, ge=1, description="repeat I then II this many times (paper v1 interleaves)")
 
 
+# The pre-0.2 single key that mixed the advantage with the loss: its values in the two keys now used.
+RETIRED_ESTIMATORS = {"rloo": ("rloo", "pg"), "reinforce": ("reinforce", "pg"), "ppo": ("rloo", "ppo_clip")}
+
+
 class AlgoConfig(_Strict):
-    estimator: Literal["rloo", "reinforce", "ppo"] = "rloo"
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    # Allowed values are the keys of score_ray.algo's tables.
+    advantage: Literal[tuple(_algo.ADVANTAGE_ESTIMATORS)] = "rloo"  # type: ignore[valid-type]
+    policy_loss: Literal[tuple(_algo.POLICY_LOSSES)] = "pg"  # type: ignore[valid-type]
+    kl_estimator: Literal[tuple(_algo.KL_ESTIMATORS)] = "k3"  # type: ignore[valid-type]
     kl_in: Literal["loss", "reward"] = "loss"
     alpha: float = Field(10.0, ge=0.0, description="reward shaping bonus on turn 2")
     beta1: float = Field(0.01, ge=0.0, description="KL coefficient on every turn")
     beta2: float = Field(0.1, ge=0.0, description="Stage I KL coefficient on turn 1")
-    ppo_epochs: int = Field(1, ge=1)
+    ppo_epochs: int = Field(1, ge=1, description="optimiser steps per batch with policy_loss=ppo_clip")
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
     normalize_advantages: bool = False
     importance_cap: float = Field(
-        2.0, gt=0.0, description="rollout.overlap with rloo/reinforce: token weight min(pi/pi_old, cap) (ppo clips instead)"
+        2.0, gt=0.0, description="rollout.overlap with policy_loss=pg: token weight min(pi/pi_old, cap) (ppo_clip clips instead)"
     )
     train_turns: list[Literal[1, 2]] = Field(
         default_factory=lambda: [1, 2], min_length=1, description="[1] = single-turn RL (the paper's ablation)"
     )
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_estimator(cls, data: Any) -> Any:
+        """``algo.estimator`` still works (with a warning): it sets ``advantage`` and ``policy_loss``."""
+        if not isinstance(data, dict) or "estimator" not in data:
+            return data
+        data = dict(data)
+        value = data.pop("estimator")
+        if value not in RETIRED_ESTIMATORS:
+            raise ValueError(f"algo.estimator is retired; {value!r} was never one of its values: set algo.advantage "
+                             f"({', '.join(_algo.ADVANTAGE_ESTIMATORS)}) and algo.policy_loss "
+                             f"({', '.join(_algo.POLICY_LOSSES)})")
+        advantage, policy_loss = RETIRED_ESTIMATORS[value]
+        for key, wanted in (("advantage", advantage), ("policy_loss", policy_loss)):
+            if data.get(key, wanted) != wanted:
+                raise ValueError(f"algo.estimator={value} means algo.{key}={wanted}, but algo.{key}={data[key]} is set "
+                                 "too; drop algo.estimator")
+            data[key] = wanted
+        warnings.warn(f"algo.estimator is deprecated: estimator={value} is algo.advantage={advantage} "
+                      f"algo.policy_loss={policy_loss}; write those instead", FutureWarning, stacklevel=2)
+        return data
 
 
 class LearnerConfig(_Strict):
@@ -398,9 +428,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        if self.algo.estimator == "rloo" and self.rollout.samples_per_prompt < 2:
+        if self.algo.advantage == "rloo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
-                "algo.estimator=rloo needs rollout.samples_per_prompt >= 2 (a leave-one-out baseline needs peers)"
+                "algo.advantage=rloo needs rollout.samples_per_prompt >= 2 (a leave-one-out baseline needs peers)"
             )
         if self.learner.weight_sync == "nccl" and not (self.learner.gpus_per_rank and self.rollout.gpus_per_generator):
             raise ValueError(

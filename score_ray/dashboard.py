@@ -2,9 +2,8 @@
 
 ``SECTIONS`` is the definition as plain data (section -> panels -> metric keys, all over ``iteration``);
 ``build_workspace`` maps it to a saved W&B workspace (``wandb_workspaces.workspaces.Workspace``).
-Every key is one the trainer logs: ``logged_metric_keys`` collects them from ``trainer.py``,
-``evaluate.py`` and ``tracking.py`` and ``check_keys`` (run by the tests and before every save)
-fails on a key that drifted.
+Every key is one of the logged metrics named in score_ray.metrics; ``check_keys`` (run by the tests and
+before every save) fails on a key that is not.
 
     python -m score_ray.dashboard --project P [--entity E] [--name N] [--output FILE]  # JSON, offline
     python -m score_ray.dashboard --project P [--entity E] --save                      # push to W&B
@@ -13,7 +12,6 @@ fails on a key that drifted.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -21,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-X_AXIS = "iteration"  # MetricsLogger defines train/*, eval/*, perf/* over this step metric
+X_AXIS = "iteration"  # MetricsLogger defines train/*, eval/*, perf/* over this step metric (metrics.ITERATION)
 DEFAULT_NAME = "SCoRe self-correction"
 WORKSPACES_PIN = "wandb-workspaces==0.4.13"
 
@@ -84,41 +82,11 @@ def dashboard_keys(sections: tuple[Section, ...] = SECTIONS) -> set[str]:
     return {X_AXIS} | {key for section in sections for panel in section.panels for key in panel.keys}
 
 
-# ----------------------------------------------------------------------------- what the trainer logs
-
-
-def _literal_keys(path: Path) -> set[str]:
-    """String literals that are whole metric names (``train/x``, ``eval/x``, ``perf/x``) in a source file.
-
-    Fragments of f-strings are skipped; the metric names built by f-strings are collected by calling
-    the functions that build them (see ``logged_metric_keys``).
-    """
-    tree = ast.parse(path.read_text())
-    fragments = {id(value) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for value in node.values}
-    keys = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in fragments:
-            prefix, _, name = node.value.partition("/")
-            if prefix in ("train", "eval", "perf") and name and name.replace("_", "").isalnum():
-                keys.add(node.value)
-    return keys
-
-
-def logged_metric_keys() -> set[str]:
-    """The metric names the trainer logs, read from the code that logs them (no Ray, no torch)."""
-    from score_ray import evaluate, tracking, trainer
-
-    episode = {"x1": [1, 2], "x2": [1, 2, 3, 4, 5], "y1": [3], "y2": [6], "y1_logp": [-0.5], "y2_logp": [-0.5],
-               "y1_truncated": False, "y2_truncated": False}
-    per_turn = trainer.turn_metrics([episode, episode], [[0.0] * 6, [0.0] * 6], [0.0, 1.0], [1.0, 1.0])
-    evals = {f"eval/{k}" for k in evaluate.self_correction_metrics([0.0, 1.0], [1.0, 1.0]) if k != "n"}
-    literals = _literal_keys(Path(trainer.__file__)) | _literal_keys(Path(tracking.__file__))
-    return {X_AXIS} | set(per_turn) | evals | literals
-
-
 def check_keys(sections: tuple[Section, ...] = SECTIONS) -> None:
     """Raise ValueError naming every dashboard key the trainer does not log."""
-    unknown = sorted(dashboard_keys(sections) - logged_metric_keys())
+    from score_ray.metrics import METRICS
+
+    unknown = sorted(dashboard_keys(sections) - set(METRICS))
     if unknown:
         raise ValueError(f"dashboard keys the trainer does not log: {', '.join(unknown)}")
 

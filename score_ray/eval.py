@@ -58,12 +58,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
                                        num_gpus=config.rollout.gpus_per_generator).remote(
-        path, config.rollout.model_dump(), config.prompts.model_dump(), config.run.seed, config.model.dtype
+        config.model, config.rollout, config.prompts, config.run.seed
     )
     pool = RewardPool.from_config(config.reward)
     try:
-        metrics, _ = two_turn_eval(lambda batch: ray.get(generator.generate.remote(batch, 1, True)), pool,
-                                   [p.to_dict() for p in problems])
+        metrics, _ = two_turn_eval(lambda batch: ray.get(generator.generate.remote(batch, 1, True)).episodes, pool,
+                                   problems)
     finally:
         pool.shutdown()
         ray.kill(generator)

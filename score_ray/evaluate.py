@@ -8,7 +8,11 @@ comes with a standard error from the eval size.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from score_ray.data import Problem
+    from score_ray.episode import Episode
 
 EVAL_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i")
 LABELS = {"acc_t1": "Acc@t1", "acc_t2": "Acc@t2", "delta": "Delta(t1,t2)", "delta_i2c": "Delta_i->c", "delta_c2i": "Delta_c->i"}
@@ -49,18 +53,18 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def grade_episodes(pool, episodes: list[dict[str, Any]]) -> tuple[list[float], list[float], list[dict]]:
+def grade_episodes(pool, episodes: Sequence["Episode"]) -> tuple[list[float], list[float], list[dict[str, Any]]]:
     """Rewards of both turns of every episode through the reward pool."""
     records = []
     for episode in episodes:
-        problem = episode["problem"]
-        for turn in ("y1_text", "y2_text"):
-            record = {"kind": problem["kind"], "response": episode[turn]}
-            if problem["kind"] == "math":
-                record["answer"] = problem["answer"]
+        problem = episode.problem
+        for turn in (1, 2):
+            record = {"kind": problem.kind, "response": episode.response_text(turn)}
+            if problem.kind == "math":
+                record["answer"] = problem.answer
             else:
-                record["tests"] = problem["tests"]
-                record["entry_point"] = problem.get("entry_point")
+                record["tests"] = problem.tests
+                record["entry_point"] = problem.entry_point
             records.append(record)
     results = pool.grade(records)
     r1 = [results[2 * i]["reward"] for i in range(len(episodes))]
@@ -69,9 +73,9 @@ def grade_episodes(pool, episodes: list[dict[str, Any]]) -> tuple[list[float], l
 
 
 def two_turn_eval(
-    generate: Callable[[list[dict[str, Any]]], list[dict]], pool, problems: list[dict[str, Any]], label: str = "eval",
+    generate: Callable[[Sequence["Problem"]], list["Episode"]], pool, problems: Sequence["Problem"], label: str = "eval",
     chunk: int = 25,
-) -> tuple[dict[str, float], list[dict]]:
+) -> tuple[dict[str, float], list["Episode"]]:
     """Greedy two-turn episodes on the held-out problems, graded; returns metrics and the episodes.
 
     ``generate(problems)`` returns one greedy episode per problem (the trainer's fault-tolerant rollout,
@@ -81,7 +85,7 @@ def two_turn_eval(
 
     from tqdm import tqdm
 
-    episodes: list[dict] = []
+    episodes: list["Episode"] = []
     with tqdm(total=len(problems), desc=label, unit="problem", disable=not sys.stderr.isatty(), leave=False) as bar:
         for start in range(0, len(problems), chunk):
             batch = problems[start : start + chunk]
@@ -89,5 +93,5 @@ def two_turn_eval(
             bar.update(len(batch))
     r1, r2, results = grade_episodes(pool, episodes)
     for episode, a, b in zip(episodes, r1, r2):
-        episode["r1"], episode["r2"] = a, b
+        episode.r1, episode.r2 = a, b
     return self_correction_metrics(r1, r2), episodes

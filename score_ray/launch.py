@@ -39,10 +39,10 @@ def run_dir_for(config: Config) -> Path:
     # Absolute: inside `ray job submit` the working directory is a temporary copy that Ray deletes later.
     root = Path(config.run.output_dir).expanduser().resolve()
     if config.run.resume:
-        from score_ray.trainer import checkpoint_folders
+        from score_ray.checkpoints import whole_checkpoints
 
         candidates = sorted(
-            (p for p in root.glob(f"{config.run.name}-*") if p.is_dir() and checkpoint_folders(p)),
+            (p for p in root.glob(f"{config.run.name}-*") if p.is_dir() and whole_checkpoints(p)),
             key=lambda p: p.stat().st_mtime,
         )
         if candidates:
@@ -62,7 +62,7 @@ def preflight(config: Config) -> dict:
     """Cheap checks before any actor starts: data sources, model folder, chat template."""
     from score_ray.assets import resolve_model_path
     from score_ray.data import load_problems
-    from score_ray.prompts import PromptSet, TwoTurnPrompter
+    from score_ray.prompts import TwoTurnPrompter
 
     found = {}
     for name in ("train", "eval"):
@@ -73,7 +73,7 @@ def preflight(config: Config) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompter = TwoTurnPrompter(tokenizer, PromptSet.from_config(config.prompts))
+    prompter = TwoTurnPrompter(tokenizer, config.prompts)
     longest = max(len(prompter.turn1_ids(problem)) for problem in found["train"][:256] + found["eval"][:256])
     room = config.rollout.max_model_len - config.rollout.max_tokens_turn1 - config.rollout.max_tokens_turn2
     if longest > room:
@@ -138,11 +138,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     run_dir = run_dir_for(config)
     print(f"run folder: {run_dir}", flush=True)
-    from score_ray import trainer
+    from score_ray.faults import TrainingHalted
+    from score_ray.trainer import train
 
     try:
-        return trainer.run(config, run_dir)
-    except trainer.TrainingHalted as err:
+        return train(config, run_dir)
+    except TrainingHalted as err:
         print(f"score_ray: run stopped: {err}", file=sys.stderr)
         return EXIT_HALTED
     except RuntimeError as err:  # placement / resource problems, actors past their restarts: a message

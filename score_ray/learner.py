@@ -2,14 +2,14 @@
 
 Each rank sets the torch.distributed environment itself and joins the group with
 ``deepspeed.init_distributed`` (gloo on CPU, NCCL on GPU). A training step takes
-token-level samples (ids, which tokens are trained, advantages and KL coefficients
-per token, sampler and reference log-probs), splits them into micro-batches bounded
-by tokens, and makes one optimiser step. Every rank runs the same number of
+token-level samples (``samples.LearnerSample``: ids, which tokens are trained,
+advantages and KL coefficients per token, sampler and reference log-probs), splits
+them into micro-batches bounded by tokens, and makes one optimiser step. Every rank runs the same number of
 micro-batches (ZeRO-3 needs every rank in every forward), padding with empty ones.
 
-Weights leave the group as safetensors bytes of the trainable parameters: under
-ZeRO-3 each parameter is gathered on every rank (all must take part) and rank 0
-keeps the full tensor.
+Weights leave the group through rank 0 (score_ray.weight_sync): under ZeRO-3 each
+parameter is gathered on every rank (all must take part) and rank 0 keeps the full
+tensor.
 
 The group's rendezvous (torch's TCPStore, MASTER_ADDR / MASTER_PORT) lives on rank
 0's node, read there once the placement group has put rank 0 somewhere: on a cluster
@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ray
 
 from score_ray import algo
-from score_ray.placement import LearnerLost
+from score_ray.config import AlgoConfig, LearnerConfig, ModelConfig
+from score_ray.faults import LearnerLost
+from score_ray.placement import kill_actors
+from score_ray.samples import POSITION_FIELDS, LearnerSample
+
+# What a training step sums over micro-batches and ranks (the trainer divides by "tokens").
+SUMMED_STATS = ("loss", "pg", "kl", "clipped", "entropy", "tokens")
 
 
 def gather(refs: list, role: str = "learner rank", grace_s: float = 60.0) -> list:
@@ -76,19 +82,19 @@ def trainable_names(model, mode: str, top_layers: int) -> set[str]:
     return {name for name in names if any(tag in name for tag in keep) or name.endswith("model.norm.weight")}
 
 
-def collate(samples: list[dict[str, Any]], pad_id: int):
+def collate(samples: Sequence[LearnerSample], pad_id: int):
     """Right-padded tensors: ids, attention mask and per-token training fields aligned to logp[t-1]."""
     import torch
 
     from score_ray.modeling import pad_batch
 
-    ids, attention = pad_batch([s["input_ids"] for s in samples], pad_id)
+    ids, attention = pad_batch([s.input_ids for s in samples], pad_id)
     width = ids.shape[1] - 1
     fields = {}
-    for name in ("loss_mask", "advantage", "kl_coef", "old_logp", "ref_logp"):
+    for name in POSITION_FIELDS:
         tensor = torch.zeros((len(samples), width), dtype=torch.float32)
         for row, sample in enumerate(samples):
-            values = sample[name]
+            values = getattr(sample, name)
             tensor[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
         fields[name] = tensor
     return ids, attention, fields
@@ -103,17 +109,15 @@ class LearnerWorker:
         self,
         rank: int,
         world_size: int,
-        model_path: str,
-        learner: dict[str, Any],
-        algo_config: dict[str, Any],
+        model: ModelConfig,
+        learner: LearnerConfig,
+        algo_config: AlgoConfig,
         seed: int,
-        dtype: str = "float32",
         temperature: float = 1.0,
-        tiny_shape: Optional[dict[str, int]] = None,
     ):
         self.rank, self.world_size = rank, world_size
-        self.model_spec = (model_path, tiny_shape)
-        self.seed, self.dtype = seed, dtype
+        self.model_config = model
+        self.seed, self.dtype = seed, model.dtype
         self.temperature = temperature  # score at the sampling temperature (see score_ray.modeling)
         self.learner, self.algo = learner, algo_config
 
@@ -144,37 +148,37 @@ class LearnerWorker:
 
         learner, dtype = self.learner, self.dtype
         self.on_gpu = bool(ray.get_gpu_ids())
-        _set_threads(learner["cpus_per_rank"])
+        _set_threads(learner.cpus_per_rank)
         torch.manual_seed(self.seed)
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
-        model_path = resolve_model_path(*self.model_spec)  # on this node: the driver's paths may not exist here
+        model_path = resolve_model_path(self.model_config.path, self.model_config.tiny.model_dump())  # on this node: the driver's paths may not exist here
         model = load_causal_lm(model_path, dtype="float32" if not self.on_gpu else dtype)
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        keep = trainable_names(model, learner["trainable"], learner["trainable_top_layers"])
+        keep = trainable_names(model, learner.trainable, learner.trainable_top_layers)
         for name, param in model.named_parameters():
             param.requires_grad_(name in keep)
         self.trainable = [name for name, param in model.named_parameters() if param.requires_grad]
-        if learner["gradient_checkpointing"]:
+        if learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": learner["grad_clip"],
-            "zero_optimization": {"stage": learner["zero_stage"]},
+            "gradient_clipping": learner.grad_clip,
+            "zero_optimization": {"stage": learner.zero_stage},
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": self.on_gpu and dtype == "bfloat16"},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
         optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=learner["lr"], weight_decay=learner["weight_decay"]
+            [p for p in model.parameters() if p.requires_grad], lr=learner.lr, weight_decay=learner.weight_decay
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return {**this_node(), "rank": self.rank, "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     # ------------------------------------------------------------------ training
     def train_step(
-        self, micro_batches: list[list[dict[str, Any]]], total_tokens: int, off_policy: bool = False
+        self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool = False
     ) -> dict[str, float]:
         """One optimiser step over this rank's micro-batches (all ranks get the same count).
 
@@ -197,7 +201,7 @@ class LearnerWorker:
                 ) from err
             raise
 
-    def _train_step(self, micro_batches: list[list[dict[str, Any]]], total_tokens: int, off_policy: bool) -> dict[str, float]:
+    def _train_step(self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool) -> dict[str, float]:
         import torch
 
         from score_ray.modeling import selected_token_logprobs
@@ -206,7 +210,7 @@ class LearnerWorker:
         count = len(micro_batches)
         self.engine.set_train_batch_size(count * self.world_size)  # gradient accumulation = count
         self.engine.train()
-        sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
+        sums = dict.fromkeys(SUMMED_STATS, 0.0)
         scale = self.world_size * count / max(1, total_tokens)
         for batch in micro_batches:
             if batch:
@@ -214,7 +218,7 @@ class LearnerWorker:
             else:  # an empty micro-batch still joins the forward (ZeRO-3 gathers parameters in it)
                 ids = torch.full((1, 2), self.pad_id, dtype=torch.long)
                 attention = torch.ones_like(ids)
-                fields = {k: torch.zeros((1, 1)) for k in ("loss_mask", "advantage", "kl_coef", "old_logp", "ref_logp")}
+                fields = {k: torch.zeros((1, 1)) for k in POSITION_FIELDS}
             device = self.engine.device
             select = fields["loss_mask"] > 0
             if not bool(select.any()):
@@ -232,11 +236,11 @@ class LearnerWorker:
                 fields["advantage"],
                 fields["kl_coef"],
                 fields["loss_mask"],
-                estimator=self.algo["estimator"],
-                kl_estimator=self.algo["kl_estimator"],
-                kl_in_loss=self.algo["kl_in"] == "loss",
-                clip_eps=self.algo["clip_eps"],
-                importance_cap=self.algo["importance_cap"] if off_policy else None,
+                policy_loss=self.algo.policy_loss,
+                kl_estimator=self.algo.kl_estimator,
+                kl_in_loss=self.algo.kl_in == "loss",
+                clip_eps=self.algo.clip_eps,
+                importance_cap=self.algo.importance_cap if off_policy else None,
             )
             self.engine.backward(loss_sum * scale)
             self.engine.step()
@@ -280,13 +284,6 @@ class LearnerWorker:
             if self.rank == 0:
                 pairs.append((name, tensor.to(getattr(torch, dtype))))
         return pairs if self.rank == 0 else None
-
-    def weights_payload(self, dtype: str = "float32") -> Optional[bytes]:
-        """safetensors bytes of the trainable weights on rank 0 (None elsewhere)."""
-        from safetensors.torch import save
-
-        pairs = self._trainable_on_rank0(dtype)
-        return save({name: tensor.cpu().contiguous() for name, tensor in pairs}) if pairs is not None else None
 
     def publish_weights(self, dtype: str = "float32") -> Optional[tuple[list, int, float]]:
         """Rank 0 packs the trainable weights into one buffer in the object store (score_ray.weight_pack) and
@@ -345,15 +342,15 @@ class LearnerWorker:
 class ReferenceActor:
     """The frozen base model: per-token log-probs of both turns."""
 
-    def __init__(self, model_path: str, cpus: float = 1.0, dtype: str = "float32",
-                 tiny_shape: Optional[dict[str, int]] = None):
+    def __init__(self, model: ModelConfig, cpus: float = 1.0):
         from score_ray.assets import resolve_model_path
         from score_ray.modeling import load_causal_lm
 
         _set_threads(cpus)
         on_gpu = bool(ray.get_gpu_ids())
-        model_path = resolve_model_path(model_path, tiny_shape)  # on this node
-        self.model = load_causal_lm(model_path, dtype=dtype if on_gpu else "float32", device="cuda" if on_gpu else "cpu")
+        model_path = resolve_model_path(model.path, model.tiny.model_dump())  # on this node
+        self.model = load_causal_lm(model_path, dtype=model.dtype if on_gpu else "float32",
+                                    device="cuda" if on_gpu else "cpu")
         self.model.eval()
         for param in self.model.parameters():
             param.requires_grad_(False)
@@ -380,21 +377,21 @@ class ReferenceActor:
         return getattr(self, "last_seconds", 0.0)
 
 
-def split_micro_batches(samples: list[dict[str, Any]], ranks: int, max_tokens: int) -> list[list[list[dict[str, Any]]]]:
+def split_micro_batches(samples: Sequence[LearnerSample], ranks: int, max_tokens: int) -> list[list[list[LearnerSample]]]:
     """Deal samples to ranks (balanced by tokens), then cut each rank's share into token-bounded
     micro-batches, padding every rank to the same micro-batch count."""
     from score_ray.modeling import token_budget_batches
 
-    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
-    shares: list[list[dict[str, Any]]] = [[] for _ in range(ranks)]
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
+    shares: list[list[LearnerSample]] = [[] for _ in range(ranks)]
     loads = [0] * ranks
     for index in order:  # longest first to the least-loaded rank
         target = loads.index(min(loads))
         shares[target].append(samples[index])
-        loads[target] += len(samples[index]["input_ids"])
+        loads[target] += len(samples[index].input_ids)
     per_rank = []
     for share in shares:
-        lengths = [len(s["input_ids"]) for s in share]
+        lengths = [len(s.input_ids) for s in share]
         per_rank.append([[share[i] for i in batch] for batch in token_budget_batches(lengths, max_tokens)])
     count = max(1, max(len(batches) for batches in per_rank))
     return [batches + [[]] * (count - len(batches)) for batches in per_rank]
@@ -403,8 +400,8 @@ def split_micro_batches(samples: list[dict[str, Any]], ranks: int, max_tokens: i
 class LearnerGroup:
     """Places N learner ranks (a placement group with a timeout) and drives them together."""
 
-    def __init__(self, model_path: str, learner, algo_config, seed: int, dtype: str, timeout_s: float,
-                 temperature: float = 1.0, tiny_shape: Optional[dict[str, int]] = None):
+    def __init__(self, model: ModelConfig, learner: LearnerConfig, algo_config: AlgoConfig, seed: int, timeout_s: float,
+                 temperature: float = 1.0):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -426,8 +423,7 @@ class LearnerGroup:
                 num_gpus=learner.gpus_per_rank,
                 resources=dict(learner.resources),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-            ).remote(rank, learner.num_ranks, model_path, learner.model_dump(), algo_config.model_dump(), seed,
-                     dtype, temperature, tiny_shape)
+            ).remote(rank, learner.num_ranks, model, learner, algo_config, seed, temperature)
             for rank in range(learner.num_ranks)
         ]
         try:
@@ -439,24 +435,20 @@ class LearnerGroup:
             raise
         self.max_tokens = learner.micro_batch_tokens
 
-    def train_step(self, samples: list[dict[str, Any]], off_policy: bool = False) -> dict[str, float]:
+    def train_step(self, samples: Sequence[LearnerSample], off_policy: bool = False) -> dict[str, float]:
         """One optimiser step on the whole batch; ``applied`` is 0.0 when DeepSpeed skipped it (non-finite)."""
         shares = split_micro_batches(samples, len(self.workers), self.max_tokens)
-        total = int(sum(sum(s["loss_mask"]) for s in samples))
+        total = int(sum(sum(s.loss_mask) for s in samples))
         results = gather([w.train_step.remote(share, total, off_policy) for w, share in zip(self.workers, shares)])
-        merged = {key: sum(r[key] for r in results) for key in ("loss", "pg", "kl", "clipped", "entropy", "tokens")}
+        merged = {key: sum(r[key] for r in results) for key in SUMMED_STATS}
         merged["seconds"] = max(r["seconds"] for r in results)
         merged["grad_norm"] = results[0]["grad_norm"]
         merged["applied"] = min(r["applied"] for r in results)
         merged["micro_batches"] = len(shares[0])
         return merged
 
-    def weights_payload(self, dtype: str = "float32") -> bytes:
-        """Rank 0's safetensors bytes of the trainable weights (for comparing and saving weights)."""
-        return gather([w.weights_payload.remote(dtype) for w in self.workers])[0]
-
     def publish_weights(self, dtype: str = "float32") -> tuple[Any, int, float]:
-        """(ObjectRef of rank 0's safetensors payload, its size in bytes, seconds spent building it)."""
+        """(ObjectRef of rank 0's packed trainable weights, their size in bytes, seconds spent building them)."""
         published = gather([w.publish_weights.remote(dtype) for w in self.workers])[0]
         return published[0][0], published[1], published[2]
 
@@ -487,11 +479,7 @@ class LearnerGroup:
 
     def shutdown(self) -> None:
         """Kill every rank (survivors of a lost one may be blocked in a collective) and free the placement."""
-        for worker in self.workers:
-            try:
-                ray.kill(worker)
-            except Exception:  # noqa: BLE001 - an actor already gone with its node
-                pass
+        kill_actors(self.workers)
         try:
             ray.util.remove_placement_group(self.group)
         except Exception:  # noqa: BLE001 - removed already

@@ -1,6 +1,7 @@
-"""Where a process runs on the cluster, and what it can offer the processes of other nodes.
+"""Where the run's roles go: what they ask the cluster for, and what a node offers the others.
 
-On a cluster the driver (the job, on a CPU-only head) is not where the learner ranks or
+``resource_needs`` sums what every actor asks Ray for; ``check_resources`` refuses in seconds a run
+the cluster can never fit. On a cluster the driver (the job, on a CPU-only head) is not where the learner ranks or
 the engines live, so anything one role sets up for another - a rendezvous address, a
 free port - is read on the node where it will be used, through these helpers, called
 inside that role's actor.
@@ -8,13 +9,12 @@ inside that role's actor.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from typing import Any
 
-
-class LearnerLost(RuntimeError):
-    """A learner rank or the reference died (e.g. its node was lost); the group cannot go on as it is."""
+from score_ray.config import Config
 
 
 def free_ports(count: int = 1) -> list[int]:
@@ -31,6 +31,17 @@ def free_ports(count: int = 1) -> list[int]:
             sock.close()
 
 
+def kill_actors(actors) -> None:
+    """Kill each actor; one already gone (with its node, or killed before) is passed over."""
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001 - an actor already gone with its node
+            pass
+
+
 def this_node() -> dict[str, Any]:
     """The Ray node this process runs on: its address, node id and host name (for the run's nodes.json)."""
     import ray
@@ -41,3 +52,70 @@ def this_node() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
     }
+
+
+def ray_init(config: Config) -> None:
+    import ray
+
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)  # inside `ray job submit` plain init joins the job's cluster
+        return
+    needed = resource_needs(config)["CPU"]
+    # Logical CPUs: actors take fractional shares of what a small machine really has. address="local":
+    # a cluster of our own, even when another local Ray (e.g. from `ray start`) is running on this machine.
+    ray.init(address="local", num_cpus=max(int(math.ceil(needed)), os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False)
+
+
+def reference_gpus(config: Config) -> float:
+    share = config.learner.reference_gpus
+    return config.learner.gpus_per_rank if share is None else share
+
+
+def resource_needs(config: Config) -> dict[str, float]:
+    """What the run's actors ask Ray for, summed."""
+    rollout, learner = config.rollout, config.learner
+    needs = {
+        "GPU": rollout.num_generators * rollout.gpus_per_generator + learner.num_ranks * learner.gpus_per_rank
+        + reference_gpus(config),
+        "CPU": rollout.num_generators * rollout.cpus_per_generator + (learner.num_ranks + 1) * learner.cpus_per_rank
+        + config.reward.workers * config.reward.cpus_per_worker,
+    }
+    for name, amount in rollout.resources.items():
+        needs[name] = needs.get(name, 0.0) + rollout.num_generators * amount
+    for name, amount in learner.resources.items():  # the ranks and the reference
+        needs[name] = needs.get(name, 0.0) + (learner.num_ranks + 1) * amount
+    return needs
+
+
+def check_resources(config: Config) -> None:
+    """Fail in seconds, naming the keys, when the cluster can never fit the run (no autoscaler pending)."""
+    import ray
+
+    total = ray.cluster_resources()
+    needs = resource_needs(config)
+    if os.environ.get("SCORE_RAY_AUTOSCALING"):
+        return
+    if needs["GPU"] > total.get("GPU", 0.0):
+        raise RuntimeError(
+            f"this run needs {needs['GPU']:g} GPUs (rollout.num_generators x rollout.gpus_per_generator + "
+            f"learner.num_ranks x learner.gpus_per_rank + learner.reference_gpus) but the cluster has "
+            f"{total.get('GPU', 0.0):g}; "
+            "on an autoscaling cluster set SCORE_RAY_AUTOSCALING=1 to wait for nodes instead"
+        )
+    if needs["CPU"] > total.get("CPU", 0.0):
+        raise RuntimeError(
+            f"this run needs {needs['CPU']:g} CPUs (rollout.num_generators x rollout.cpus_per_generator + "
+            f"(learner.num_ranks + 1) x learner.cpus_per_rank + reward.workers x reward.cpus_per_worker) but the "
+            f"cluster has {total.get('CPU', 0.0):g}; lower those keys or add nodes (SCORE_RAY_AUTOSCALING=1 waits)"
+        )
+    for name in sorted(set(needs) - {"CPU", "GPU"}):
+        if needs[name] > total.get(name, 0.0):
+            raise RuntimeError(
+                f"this run needs {needs[name]:g} of the custom resource {name!r} (rollout.resources x generators + "
+                f"learner.resources x (ranks + reference)) but the cluster offers {total.get(name, 0.0):g}; start "
+                "nodes with it (ray start --resources) or change those keys"
+            )

@@ -13,8 +13,10 @@ Imports no torch: only a tokenizer object with ``apply_chat_template`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:
+    from score_ray.config import PromptsConfig
 
 # Verbatim from the paper (PAPER.md, "Prompts").
 MATH_FIRST_TURN = (
@@ -44,37 +46,6 @@ CODE_USER_TEMPLATE = "{instruction} {problem}"
 _PLACEHOLDER = "\x00SCORE_RAY_ASSISTANT\x00"
 
 
-@dataclass(frozen=True)
-class PromptSet:
-    """The instructions and templates in force (from PromptsConfig)."""
-
-    math_first_turn: str = MATH_FIRST_TURN
-    math_self_correction: str = MATH_SELF_CORRECTION
-    code_first_turn: str = CODE_FIRST_TURN
-    code_self_correction: str = CODE_SELF_CORRECTION
-    math_user_template: str = MATH_USER_TEMPLATE
-    code_user_template: str = CODE_USER_TEMPLATE
-    system_prompt: Optional[str] = None
-
-    @classmethod
-    def from_config(cls, prompts_config: Any) -> "PromptSet":
-        return cls(**prompts_config.model_dump())
-
-    def first_turn_text(self, kind: str, problem: str) -> str:
-        if kind == "math":
-            return self.math_user_template.format(instruction=self.math_first_turn, problem=problem)
-        if kind == "code":
-            return self.code_user_template.format(instruction=self.code_first_turn, problem=problem)
-        raise ValueError(f"unknown problem kind {kind!r} (expected 'math' or 'code')")
-
-    def self_correction_text(self, kind: str) -> str:
-        if kind == "math":
-            return self.math_self_correction
-        if kind == "code":
-            return self.code_self_correction
-        raise ValueError(f"unknown problem kind {kind!r} (expected 'math' or 'code')")
-
-
 class TwoTurnPrompter:
     """Renders turn-1 prompt ids and assembles turn-2 prompt ids from sampled turn-1 ids.
 
@@ -83,17 +54,34 @@ class TwoTurnPrompter:
     around it; they are tokenised once and reused for every episode.
     """
 
-    def __init__(self, tokenizer: Any, prompt_set: PromptSet = PromptSet()):
+    def __init__(self, tokenizer: Any, prompts: Optional["PromptsConfig"] = None):
+        from score_ray.config import PromptsConfig  # config imports this module's defaults
+
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                 "SCoRe's two turns are rendered through it (use an instruct/chat model)"
             )
         self.tokenizer = tokenizer
-        self.prompts = prompt_set
+        self.prompts = prompts if prompts is not None else PromptsConfig()
         self.eos_token_id = tokenizer.eos_token_id
         self._turn2_suffix: dict[str, list[int]] = {}
         self._assistant_close_text = self._find_assistant_close()
+
+    def _first_turn_text(self, kind: str, problem: str) -> str:
+        prompts = self.prompts
+        if kind == "math":
+            return prompts.math_user_template.format(instruction=prompts.math_first_turn, problem=problem)
+        if kind == "code":
+            return prompts.code_user_template.format(instruction=prompts.code_first_turn, problem=problem)
+        raise ValueError(f"unknown problem kind {kind!r} (expected 'math' or 'code')")
+
+    def _self_correction_text(self, kind: str) -> str:
+        if kind == "math":
+            return self.prompts.math_self_correction
+        if kind == "code":
+            return self.prompts.code_self_correction
+        raise ValueError(f"unknown problem kind {kind!r} (expected 'math' or 'code')")
 
     # ---- turn 1
     def _messages(self, user_text: str, fewshot: Sequence[tuple[str, str]] = (), kind: str = "math") -> list[dict[str, str]]:
@@ -101,7 +89,7 @@ class TwoTurnPrompter:
         if self.prompts.system_prompt is not None:
             messages.append({"role": "system", "content": self.prompts.system_prompt})
         for shot_problem, shot_solution in fewshot:  # k-shot examples as earlier chat turns
-            messages.append({"role": "user", "content": self.prompts.first_turn_text(kind, shot_problem)})
+            messages.append({"role": "user", "content": self._first_turn_text(kind, shot_problem)})
             answer = f"```python\n{shot_solution.strip()}\n```" if kind == "code" else shot_solution
             messages.append({"role": "assistant", "content": answer})
         messages.append({"role": "user", "content": user_text})
@@ -116,7 +104,7 @@ class TwoTurnPrompter:
 
     def turn1_text(self, problem: Any) -> str:
         """The rendered first-turn prompt of a Problem (anything with kind, prompt and fewshot)."""
-        user = self.prompts.first_turn_text(problem.kind, problem.prompt)
+        user = self._first_turn_text(problem.kind, problem.prompt)
         return self._render(self._messages(user, getattr(problem, "fewshot", ()), problem.kind), True)
 
     def turn1_ids(self, problem: Any) -> list[int]:
@@ -136,7 +124,7 @@ class TwoTurnPrompter:
         if kind not in self._turn2_suffix:
             history = self._messages("x") + [{"role": "assistant", "content": _PLACEHOLDER}]
             closed = self._render(history, False)
-            opened = self._render(history + [{"role": "user", "content": self.prompts.self_correction_text(kind)}], True)
+            opened = self._render(history + [{"role": "user", "content": self._self_correction_text(kind)}], True)
             if not opened.startswith(closed):
                 raise ValueError("the chat template rewrites earlier turns when a turn is added; cannot append turn 2")
             self._turn2_suffix[kind] = self._encode(opened[len(closed) :])

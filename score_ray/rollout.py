@@ -6,18 +6,23 @@ instruction. Both prompts reach vLLM as token ids. Each episode keeps the ids, t
 sampler's log-probs of the sampled tokens (after temperature: ``processed_logprobs``,
 the distribution the learner scores) and why each turn stopped.
 
-Weights arrive from the learner as safetensors bytes through Ray's object store and
-are loaded in place by a vLLM worker extension (``collective_rpc``); the prefix
-cache is reset after every update, or cached prefixes would serve stale activations.
+Weights arrive from the learner (score_ray.weight_sync): on CPU as one packed buffer in
+Ray's object store, loaded in place by a vLLM worker extension (``collective_rpc``); the
+prefix cache is reset after every update, or cached prefixes would serve stale activations.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import ray
+
+from score_ray.config import ModelConfig, PromptsConfig, RolloutConfig
+from score_ray.data import Problem
+from score_ray.episode import Episode
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -36,15 +41,10 @@ class WeightReceiver:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
     def score_ray_load_weights(self, payload) -> int:
-        """``payload``: safetensors bytes, or (header, buffer) from score_ray.weight_pack (zero-copy views)."""
+        """``payload``: (header, buffer) from score_ray.weight_pack, read as zero-copy views."""
         from score_ray.weight_pack import unpack_tensors
 
-        if isinstance(payload, (bytes, bytearray)):
-            from safetensors.torch import load
-
-            tensors = list(load(payload).items())
-        else:
-            tensors = unpack_tensors(*payload)
+        tensors = unpack_tensors(*payload)
         self.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
         model = self.model_runner.get_model()
         lm_head = getattr(model, "lm_head", None)
@@ -81,6 +81,40 @@ def transfer_buffer_bytes(model_path: str, dtype: str, buffer_bytes: int) -> int
     return TRANSFER_BUFFERS * (buffer_bytes + largest)
 
 
+def engine_arguments(model_path: str, dtype: str, rollout: RolloutConfig, seed: int, on_gpu: bool,
+                     nccl_weight_sync: bool = False, transfer_bytes: int = 0) -> dict[str, Any]:
+    """vLLM ``LLM(...)`` arguments of a generator's engine (bench/generation.py builds the same engine)."""
+    kwargs: dict[str, Any] = dict(
+        model=model_path,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=rollout.max_model_len,
+        enforce_eager=rollout.enforce_eager,
+        worker_extension_cls="score_ray.rollout.WeightReceiver",
+        logprobs_mode="processed_logprobs",
+        enable_prefix_caching=True,
+        # Memory is bounded by tokens: at most this many sequences and tokens per engine step.
+        max_num_seqs=rollout.max_num_seqs,
+        max_num_batched_tokens=max(rollout.max_num_batched_tokens, rollout.max_model_len),
+    )
+    if not on_gpu:
+        # The CPU build refuses the "ray" executor; the in-process one starts in seconds.
+        return {**kwargs, "distributed_executor_backend": "uni"}
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    kwargs.update(
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        # The NCCL receive buffers are allocated beside vLLM's budget: keep both inside the GPU.
+        gpu_memory_utilization=engine_memory_fraction(rollout.gpu_memory_utilization, total, transfer_bytes),
+    )
+    if nccl_weight_sync:
+        from score_ray.weight_sync_gpu import nccl_weight_transfer_config
+
+        kwargs["weight_transfer_config"] = nccl_weight_transfer_config()
+    return kwargs
+
+
 def _logprobs_of(sample) -> list[float]:
     """The sampled tokens' log-probs from a vLLM CompletionOutput."""
     values = []
@@ -89,63 +123,44 @@ def _logprobs_of(sample) -> list[float]:
     return values
 
 
+@dataclass
+class Generated:
+    """What one ``generate`` call returns: the episodes and the seconds the engine spent on them."""
+
+    episodes: list[Episode]
+    seconds: float
+
+
 @ray.remote
 class GeneratorActor:
     def __init__(
         self,
-        model_path: str,
-        rollout: dict[str, Any],
-        prompts: dict[str, Any],
+        model: ModelConfig,
+        rollout: RolloutConfig,
+        prompts: PromptsConfig,
         seed: int = 0,
-        dtype: str = "float32",
         nccl_weight_sync: bool = False,
-        tiny_shape: Optional[dict[str, int]] = None,
         nccl_buffer_bytes: int = 0,
     ):
         from score_ray.assets import resolve_model_path, vllm_cpu_environment
 
         self.on_gpu = bool(ray.get_gpu_ids())
         if not self.on_gpu:
-            vllm_cpu_environment(int(rollout["kv_cache_gib"]))
+            vllm_cpu_environment(rollout.kv_cache_gib)
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        from score_ray.prompts import PromptSet, TwoTurnPrompter
+        from score_ray.prompts import TwoTurnPrompter
 
         self.rollout = rollout
-        model_path = resolve_model_path(model_path, tiny_shape)  # on this node: the driver's paths may not exist here
+        # on this node: the driver's paths may not exist here
+        model_path = resolve_model_path(model.path, model.tiny.model_dump())
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.prompter = TwoTurnPrompter(self.tokenizer, PromptSet(**prompts))
-        kwargs: dict[str, Any] = dict(
-            model=model_path,
-            dtype=dtype,
-            seed=seed,
-            max_model_len=rollout["max_model_len"],
-            enforce_eager=rollout["enforce_eager"],
-            worker_extension_cls="score_ray.rollout.WeightReceiver",
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
-            # Memory is bounded by tokens: at most this many sequences and tokens per engine step.
-            max_num_seqs=rollout["max_num_seqs"],
-            max_num_batched_tokens=max(rollout["max_num_batched_tokens"], rollout["max_model_len"]),
-        )
-        if self.on_gpu:
-            import torch
-
-            total = torch.cuda.get_device_properties(0).total_memory
-            transfer = transfer_buffer_bytes(model_path, dtype, nccl_buffer_bytes) if nccl_weight_sync else 0
-            kwargs.update(
-                tensor_parallel_size=rollout["tensor_parallel_size"],
-                # The NCCL receive buffers are allocated beside vLLM's budget: keep both inside the GPU.
-                gpu_memory_utilization=engine_memory_fraction(rollout["gpu_memory_utilization"], total, transfer),
-            )
-            if nccl_weight_sync:
-                from score_ray.weight_sync_gpu import nccl_weight_transfer_config
-
-                kwargs["weight_transfer_config"] = nccl_weight_transfer_config()
-        else:
-            # The CPU build refuses the "ray" executor; the in-process one starts in seconds.
-            kwargs.update(distributed_executor_backend="uni")
+        self.prompter = TwoTurnPrompter(self.tokenizer, prompts)
+        transfer = 0
+        if self.on_gpu and nccl_weight_sync:
+            transfer = transfer_buffer_bytes(model_path, model.dtype, nccl_buffer_bytes)
+        kwargs = engine_arguments(model_path, model.dtype, rollout, seed, self.on_gpu, nccl_weight_sync, transfer)
         try:
             self.llm = LLM(**kwargs)
         except Exception as err:  # noqa: BLE001 - name the settings behind a KV cache that cannot fit
@@ -171,20 +186,22 @@ class GeneratorActor:
         if greedy:
             return SamplingParams(n=n, temperature=0.0, max_tokens=max_tokens, logprobs=0)
         return SamplingParams(
-            n=n, temperature=self.rollout["temperature"], top_p=self.rollout["top_p"], max_tokens=max_tokens, logprobs=0,
+            n=n, temperature=self.rollout.temperature, top_p=self.rollout.top_p, max_tokens=max_tokens, logprobs=0,
             seed=seed,
         )
 
     def generate(
-        self, problems: list[dict[str, Any]], samples: int, greedy: bool = False, seeds: Optional[list[int]] = None
-    ) -> list[dict[str, Any]]:
+        self, problems: Sequence[Problem], samples: int, greedy: bool = False, seeds: Optional[list[int]] = None
+    ) -> Generated:
         """Two-turn episodes: ``samples`` per problem (1 when greedy).
 
         ``seeds`` (one per problem) make sampling a function of the problem and the weights alone, so a
         redone rollout (a restarted actor, a resumed run) samples what the lost one would have.
         """
         try:
-            return self._generate(problems, samples, greedy, seeds)
+            start = time.monotonic()
+            episodes = self._generate(problems, samples, greedy, seeds)
+            return Generated(episodes, time.monotonic() - start)
         except Exception as err:  # noqa: BLE001 - an OOM is re-raised with the settings that bound memory
             if is_out_of_memory(err):
                 raise RuntimeError(
@@ -195,70 +212,54 @@ class GeneratorActor:
             raise
 
     def _generate(
-        self, problems: list[dict[str, Any]], samples: int, greedy: bool, seeds: Optional[list[int]]
-    ) -> list[dict[str, Any]]:
+        self, problems: Sequence[Problem], samples: int, greedy: bool, seeds: Optional[list[int]]
+    ) -> list[Episode]:
         from vllm.inputs import TokensPrompt
 
-        from score_ray.data import Problem
-
-        start = time.monotonic()
         if seeds is None or greedy:
             seeds = [None] * len(problems)
         samples = 1 if greedy else samples
-        records = [Problem(**{**p, "fewshot": tuple(tuple(s) for s in p.get("fewshot", ()))}) for p in problems]
-        turn1_prompts = [self.prompter.turn1_ids(problem) for problem in records]
+        turn1_prompts = [self.prompter.turn1_ids(problem) for problem in problems]
         first = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in turn1_prompts],
-            [self._params(self.rollout["max_tokens_turn1"], greedy, n=samples, seed=seed) for seed in seeds],
+            [self._params(self.rollout.max_tokens_turn1, greedy, n=samples, seed=seed) for seed in seeds],
             use_tqdm=False,
         )
-        episodes = []
+        episodes, turn2_seeds = [], []
         for problem, x1, output, seed in zip(problems, turn1_prompts, first, seeds):
             for index, sample in enumerate(output.outputs):
                 y1 = list(sample.token_ids)
-                episodes.append(
-                    {
-                        "problem": problem,
-                        "sample": index,
-                        # vLLM seeds the n samples of turn 1 with seed + index; turn 2 continues past them
-                        "seed2": None if seed is None else seed + samples + index,
-                        "x1": x1,
-                        "y1": y1,
-                        "y1_logp": _logprobs_of(sample),
-                        "y1_truncated": sample.finish_reason == "length",
-                        "x2": self.prompter.turn2_ids(problem["kind"], x1, y1),
-                    }
-                )
-        limit = self.rollout["max_model_len"]
+                episodes.append(Episode(
+                    problem=problem, sample=index, x1=x1, y1=y1, y1_logp=_logprobs_of(sample),
+                    y1_truncated=sample.finish_reason == "length", x2=self.prompter.turn2_ids(problem.kind, x1, y1),
+                ))
+                # vLLM seeds the n samples of turn 1 with seed + index; turn 2 continues past them
+                turn2_seeds.append(None if seed is None else seed + samples + index)
+        limit = self.rollout.max_model_len
         second_prompts, second_params = [], []
-        for episode in episodes:
-            room = limit - len(episode["x2"])
+        for episode, seed in zip(episodes, turn2_seeds):
+            room = limit - len(episode.x2)
             if room < 1:
                 raise ValueError(
-                    f"turn-2 prompt of {episode['problem']['id']} has {len(episode['x2'])} tokens; "
+                    f"turn-2 prompt of {episode.problem.id} has {len(episode.x2)} tokens; "
                     f"rollout.max_model_len={limit} leaves no room: raise it or lower rollout.max_tokens_turn1"
                 )
-            second_prompts.append(TokensPrompt(prompt_token_ids=episode["x2"]))
-            second_params.append(self._params(min(self.rollout["max_tokens_turn2"], room), greedy, seed=episode.pop("seed2")))
+            second_prompts.append(TokensPrompt(prompt_token_ids=episode.x2))
+            second_params.append(self._params(min(self.rollout.max_tokens_turn2, room), greedy, seed=seed))
         second = self.llm.generate(second_prompts, second_params, use_tqdm=False)
         for episode, output in zip(episodes, second):
             sample = output.outputs[0]
-            episode["y2"] = list(sample.token_ids)
-            episode["y2_logp"] = _logprobs_of(sample)
-            episode["y2_truncated"] = sample.finish_reason == "length"
-            episode["y1_text"] = self.tokenizer.decode(episode["y1"], skip_special_tokens=True)
-            episode["y2_text"] = self.tokenizer.decode(episode["y2"], skip_special_tokens=True)
-            episode["weight_version"] = self.weight_version
-        generated = sum(len(e["y1"]) + len(e["y2"]) for e in episodes)
-        seconds = time.monotonic() - start
-        for episode in episodes:
-            episode["gen_seconds"] = seconds
-            episode["gen_tokens"] = generated
+            episode.y2 = list(sample.token_ids)
+            episode.y2_logp = _logprobs_of(sample)
+            episode.y2_truncated = sample.finish_reason == "length"
+            episode.y1_text = self.tokenizer.decode(episode.y1, skip_special_tokens=True)
+            episode.y2_text = self.tokenizer.decode(episode.y2, skip_special_tokens=True)
+            episode.weight_version = self.weight_version
         return episodes
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, payload, version: int) -> dict[str, float]:
-        """Load new weights (safetensors bytes or a packed (header, buffer)) and drop cached prefixes."""
+        """Load new weights (a packed (header, buffer), score_ray.weight_pack) and drop cached prefixes."""
         start = time.monotonic()
         counts = self.llm.collective_rpc("score_ray_load_weights", args=(payload,))
         self.llm.reset_prefix_cache()

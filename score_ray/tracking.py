@@ -57,7 +57,7 @@ class MetricsLogger:
         if self.run is not None:
             self.run.log(metrics)
 
-    def log_samples(self, iteration: int, episodes: list[dict[str, Any]], limit: int = 16) -> None:
+    def log_samples(self, iteration: int, episodes: list, limit: int = 16) -> None:
         """A W&B table of sample eval episodes: problem, both attempts, rewards, whether corrected."""
         if self.run is None:
             return
@@ -66,8 +66,8 @@ class MetricsLogger:
         table = wandb.Table(columns=["iteration", "problem", "y1", "y2", "r1", "r2", "corrected"])
         for episode in episodes[:limit]:
             table.add_data(
-                iteration, episode["problem"]["prompt"], episode["y1_text"], episode["y2_text"],
-                episode["r1"], episode["r2"], episode["r1"] < 0.5 <= episode["r2"],
+                iteration, episode.problem.prompt, episode.y1_text, episode.y2_text,
+                episode.r1, episode.r2, episode.r1 < 0.5 <= episode.r2,
             )
         self.run.log({"iteration": iteration, "eval/samples": table})
 

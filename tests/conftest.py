@@ -67,3 +67,23 @@ def ray_local():
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# A run that lost and redid iterations (a crash and resume, a lost node) must log what an uninterrupted run
+# with the same seed logs: these per-iteration keys, and the final eval.
+PER_TURN_KEYS = [f"train/{name}_t{turn}" for name in ("reward", "kl", "entropy", "length", "truncated") for turn in (1, 2)]
+EVAL_KEYS = ["eval/acc_t1", "eval/acc_t2", "eval/delta", "eval/delta_i2c", "eval/delta_c2i"]
+REDONE_KEYS = PER_TURN_KEYS + ["train/loss", "train/pg_loss", "train/kl_loss", "train/grad_norm", "train/i2c", "train/c2i"]
+
+
+def assert_same_as_uninterrupted(rows: list[dict], expected_rows: list[dict], iterations: list[int]) -> None:
+    """Every iteration logged exactly once, though some were started twice, with the uninterrupted numbers."""
+    train = {r["iteration"]: r for r in rows if "train/stage" in r}
+    expected = {r["iteration"]: r for r in expected_rows if "train/stage" in r}
+    assert [r["iteration"] for r in rows if "train/stage" in r] == iterations
+    for iteration in iterations:
+        for key in REDONE_KEYS:
+            assert train[iteration][key] == pytest.approx(expected[iteration][key], rel=1e-4, abs=1e-6), (iteration, key)
+    final = [r for r in rows if "eval/acc_t1" in r][-1]
+    final_expected = [r for r in expected_rows if "eval/acc_t1" in r][-1]
+    assert {k: final[k] for k in EVAL_KEYS} == {k: final_expected[k] for k in EVAL_KEYS}

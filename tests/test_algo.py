@@ -77,7 +77,7 @@ def test_score_turns_stage_one_by_hand():
 def test_score_turns_with_kl_in_the_reward():
     # Stage II, beta1 = 0.1, kl sums (2, 0) on turn 1 and (0, 4) on turn 2, reinforce.
     out = score_turns(STAGE_II, [1.0, 0.0], [1.0, 1.0], ["a", "b"], alpha=2, beta1=0.1, beta2=0.5,
-                      estimator="reinforce", kl_in_reward=True, kl1=[2.0, 0.0], kl2=[0.0, 4.0])
+                      advantage="reinforce", kl_in_reward=True, kl1=[2.0, 0.0], kl2=[0.0, 4.0])
     assert out["adv1"] == pytest.approx([1.0 - 0.2, 0.0])
     assert out["adv2"] == pytest.approx([1.0, 3.0 - 0.4])  # turn 2 of episode b: 1 + 2 * (1 - 0) = 3
     assert out["kl_coef1"] == [0.0, 0.0]
@@ -98,7 +98,7 @@ def test_token_loss_reinforce_by_hand():
     adv = torch.tensor([2.0, 2.0, -1.0])
     coef = torch.tensor([0.1, 0.1, 0.5])
     mask = torch.tensor([1.0, 1.0, 0.0])
-    loss, stats = token_loss(logp, logp.detach(), ref, adv, coef, mask, "rloo", "k1")
+    loss, stats = token_loss(logp, logp.detach(), ref, adv, coef, mask, "pg", "k1")
     # pg: -(2 * -1) - (2 * -2) = 6; kl (k1): 0 + 0.1 * (-1) = -0.1; third token masked
     assert float(loss) == pytest.approx(6.0 - 0.1)
     assert stats["pg"] == pytest.approx(6.0)
@@ -111,7 +111,7 @@ def test_token_loss_ppo_clips_by_hand():
     logp = torch.log(torch.tensor([1.5, 0.9])).requires_grad_(True)  # ratios 1.5 and 0.9
     adv = torch.tensor([1.0, -1.0])
     zero = torch.zeros(2)
-    loss, stats = token_loss(logp, old, logp.detach(), adv, zero, torch.ones(2), "ppo", "k1", clip_eps=0.2)
+    loss, stats = token_loss(logp, old, logp.detach(), adv, zero, torch.ones(2), "ppo_clip", "k1", clip_eps=0.2)
     # token 1: -min(1.5 * 1, 1.2 * 1) = -1.2 (clipped); token 2: -min(0.9 * -1, 0.9 * -1) = 0.9 (inside the range)
     assert float(loss) == pytest.approx(-0.3)
     assert stats["clipped"] == 1.0
@@ -125,7 +125,7 @@ def test_token_loss_off_policy_importance_weights_are_truncated_by_hand():
     logp = torch.log(torch.tensor([0.5, 3.0, 1.0])).requires_grad_(True)  # ratios pi/pi_old 0.5, 3 and 1
     adv = torch.tensor([1.0, 1.0, -2.0])
     zero = torch.zeros(3)
-    loss, stats = token_loss(logp, old, logp.detach(), adv, zero, torch.ones(3), "rloo", "k1", importance_cap=2.0)
+    loss, stats = token_loss(logp, old, logp.detach(), adv, zero, torch.ones(3), "pg", "k1", importance_cap=2.0)
     # weights min(ratio, 2) = 0.5, 2, 1 (held constant): loss = -(0.5 ln .5 + 2 ln 3 + 1 * -2 * ln 1)
     assert float(loss) == pytest.approx(-(0.5 * math.log(0.5) + 2.0 * math.log(3.0)))
     assert stats["clipped"] == 1.0  # one token's ratio was truncated

@@ -58,8 +58,8 @@ def test_every_bad_key_is_reported_at_once():
 
 
 def test_cross_field_rules_name_both_keys():
-    message = error_of("algo.estimator=rloo", "rollout.samples_per_prompt=1")
-    assert "algo.estimator=rloo" in message and "rollout.samples_per_prompt" in message
+    message = error_of("algo.advantage=rloo", "rollout.samples_per_prompt=1")
+    assert "algo.advantage=rloo" in message and "rollout.samples_per_prompt" in message
     message = error_of("rollout.max_tokens_turn1=300", "rollout.max_tokens_turn2=300")
     assert "rollout.max_model_len" in message
 
@@ -160,3 +160,25 @@ def test_launch_cli_exit_code_for_bad_value():
     result = run_module("score_ray.launch", "--config", "configs/smoke.yaml", "learner.zero_stage=4", timeout=60)
     assert result.returncode == 2
     assert "'learner.zero_stage'" in result.stderr
+
+
+def test_the_retired_estimator_key_still_works_with_a_warning_and_refuses_a_contradiction():
+    with pytest.warns(FutureWarning, match="algo.advantage=rloo algo.policy_loss=ppo_clip"):
+        config = load_config("smoke", ["algo.estimator=ppo"])
+    assert (config.algo.advantage, config.algo.policy_loss) == ("rloo", "ppo_clip")
+    with pytest.warns(FutureWarning):
+        assert load_config("smoke", ["algo.estimator=reinforce"]).algo.advantage == "reinforce"
+    message = error_of("algo.estimator=ppo", "algo.policy_loss=pg")
+    assert "algo.policy_loss=ppo_clip" in message and "drop algo.estimator" in message
+    assert "never one of its values" in error_of("algo.estimator=a2c")
+
+
+def test_the_algorithm_axes_allow_exactly_the_keys_of_their_tables():
+    from score_ray import algo
+
+    for key, table in (("advantage", algo.ADVANTAGE_ESTIMATORS), ("policy_loss", algo.POLICY_LOSSES),
+                       ("kl_estimator", algo.KL_ESTIMATORS)):
+        for name in table:
+            assert getattr(load_config("smoke", [f"algo.{key}={name}"]).algo, key) == name
+        message = error_of(f"algo.{key}=nope")
+        assert f"algo.{key}" in message and all(repr(name) in message for name in table)

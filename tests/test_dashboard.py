@@ -60,8 +60,9 @@ def test_dashboard_sections_panels_and_keys_offline():
 
 
 def test_every_dashboard_key_is_logged_by_the_trainer():
-    logged = dashboard.logged_metric_keys()
-    # the collector really reads the trainer: literals, per-turn f-strings, eval metrics, the samples table
+    from score_ray.metrics import METRICS
+
+    logged = set(METRICS)  # what the trainer may log (tests/system/test_trainer_run.py checks a run logs only these)
     assert {"train/loss", "perf/learner_seconds", "train/kl_t2", "eval/delta_i2c", "eval/samples"} <= logged
     missing = dashboard.dashboard_keys() - logged
     assert not missing, f"dashboard keys the trainer does not log: {sorted(missing)}"
@@ -93,6 +94,14 @@ def test_cli_prints_offline_and_save_fails_clearly_offline(tmp_path, monkeypatch
     assert "could not save the workspace" in err and "API key" in err
 
 
+def eval_episode(prompt: str, y1_text: str, y2_text: str, r1: float, r2: float):
+    from score_ray.data import Problem
+    from score_ray.episode import Episode
+
+    return Episode(problem=Problem(id=prompt, kind="math", prompt=prompt, answer="0"), sample=0, x1=[], y1=[], y1_logp=[],
+                   y1_truncated=False, x2=[], y1_text=y1_text, y2_text=y2_text, r1=r1, r2=r2)
+
+
 def test_metrics_logger_offline_round_trip(tmp_path, monkeypatch):
     from score_ray.config import load_config
     from score_ray.tracking import MetricsLogger, read_metrics, read_wandb_history, read_wandb_run
@@ -106,8 +115,8 @@ def test_metrics_logger_offline_round_trip(tmp_path, monkeypatch):
     line_keys = sorted(dashboard.dashboard_keys() - {"iteration", "eval/samples"})
     rows = [{"iteration": i, **{key: i + n / 100 for n, key in enumerate(line_keys)}} for i in (1, 2)]
     episodes = [
-        {"problem": {"prompt": "What is 2 + 2?"}, "y1_text": "5", "y2_text": "4", "r1": 0.0, "r2": 1.0},
-        {"problem": {"prompt": "What is 3 + 3?"}, "y1_text": "6", "y2_text": "6", "r1": 1.0, "r2": 1.0},
+        eval_episode("What is 2 + 2?", "5", "4", 0.0, 1.0),
+        eval_episode("What is 3 + 3?", "6", "6", 1.0, 1.0),
     ]
 
     logger = MetricsLogger(run_dir, config)

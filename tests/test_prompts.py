@@ -5,7 +5,7 @@ import pytest
 from score_ray import prompts
 from score_ray.config import load_config
 from score_ray.data import Problem
-from score_ray.prompts import PromptSet, TwoTurnPrompter
+from score_ray.prompts import TwoTurnPrompter
 
 def test_instructions_are_the_papers_words():
     assert prompts.MATH_FIRST_TURN == (
@@ -97,7 +97,7 @@ def test_code_problems_use_the_code_instruction_and_fewshot_turns(tokenizer):
 
 def test_instructions_and_system_prompt_come_from_config(tokenizer):
     config = load_config("smoke", ["prompts.math_self_correction=Check again.", "prompts.system_prompt=Be brief."])
-    prompter = TwoTurnPrompter(tokenizer, PromptSet.from_config(config.prompts))
+    prompter = TwoTurnPrompter(tokenizer, config.prompts)
     text = tokenizer.decode(prompter.turn2_ids("math", prompter.turn1_ids(MATH), [tokenizer.eos_token_id]))
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert text.endswith("<|im_start|>user\nCheck again.<|im_end|>\n<|im_start|>assistant\n")

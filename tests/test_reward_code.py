@@ -12,9 +12,10 @@ from score_ray.config import HumanEvalSource
 from score_ray.data import load_problems
 from score_ray.reward import Grader
 from score_ray.reward.code import extract_program, grade_code
-from score_ray.reward.sandbox import SandboxLimits, choose_backend, run_python
+from score_ray.config import SandboxConfig
+from score_ray.reward.sandbox import choose_backend, run_python
 
-LIMITS = SandboxLimits(wall_seconds=5.0, cpu_seconds=4, memory_mb=512)
+LIMITS = SandboxConfig(wall_seconds=5.0, cpu_seconds=4, memory_mb=512)
 ASSERTS = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]
 GOOD = "```python\ndef add(a, b):\n    return a + b\n```"
 
@@ -83,13 +84,13 @@ def test_exit_and_marker_tricks_do_not_pass(name, program):
 
 def test_endless_loop_is_killed_on_time():
     start = time.monotonic()
-    result = grade_code("```python\nwhile True:\n    pass\n```", ASSERTS, limits=SandboxLimits(wall_seconds=2.0, cpu_seconds=30))
+    result = grade_code("```python\nwhile True:\n    pass\n```", ASSERTS, limits=SandboxConfig(wall_seconds=2.0, cpu_seconds=30))
     assert result.status == "timeout" and result.reward == 0.0
     assert time.monotonic() - start < 6
 
 
 def test_sleeping_program_is_killed_by_the_wall_clock():
-    result = grade_code("```python\nimport time\ntime.sleep(60)\n```", ASSERTS, limits=SandboxLimits(wall_seconds=1.5))
+    result = grade_code("```python\nimport time\ntime.sleep(60)\n```", ASSERTS, limits=SandboxConfig(wall_seconds=1.5))
     assert result.status == "timeout"
 
 
@@ -107,7 +108,7 @@ def _count_nobody_processes() -> int:
 
 def test_fork_bomb_is_contained_and_leaves_no_process():
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
-    result = grade_code(f"```python\n{bomb}\n```", ASSERTS, limits=SandboxLimits(wall_seconds=3.0, max_processes=32))
+    result = grade_code(f"```python\n{bomb}\n```", ASSERTS, limits=SandboxConfig(wall_seconds=3.0, max_processes=32))
     assert result.reward == 0.0 and result.status in ("timeout", "wrong")
     time.sleep(0.5)
     assert _count_nobody_processes() == 0
@@ -199,10 +200,10 @@ def test_killing_the_parent_process_fails_and_the_grader_lives_on():
 
 def test_huge_output_is_cut_and_does_not_exhaust_the_grader():
     program = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
-    result = run_python({"m.py": program}, "m.py", SandboxLimits(wall_seconds=5, max_file_mb=4, max_output_kb=16))
+    result = run_python({"m.py": program}, "m.py", SandboxConfig(wall_seconds=5, max_file_mb=4, max_output_kb=16))
     assert not result.timed_out and result.exit_code != 0  # stopped by the file-size limit
     assert len(result.stdout) <= 16 * 1024
-    graded = grade_code(f"```python\n{program}\n```", ASSERTS, limits=SandboxLimits(wall_seconds=5, max_file_mb=4))
+    graded = grade_code(f"```python\n{program}\n```", ASSERTS, limits=SandboxConfig(wall_seconds=5, max_file_mb=4))
     assert graded.reward == 0.0
 
 
@@ -238,9 +239,9 @@ def test_the_weaker_fallback_still_isolates_network_uid_and_environment(monkeypa
         "print(sorted(os.environ))\n"
     )
     with pytest.warns(RuntimeWarning, match="WEAKER"):
-        result = run_python({"m.py": program}, "m.py", SandboxLimits(backend="unshare"))
+        result = run_python({"m.py": program}, "m.py", SandboxConfig(backend="unshare"))
     assert result.backend == "unshare" and result.exit_code == 0, result.stderr
     uid, network, environment = result.stdout.strip().splitlines()
     assert uid == "65534" and network == "no network" and "WANDB_API_KEY" not in environment
     assert "WEAKER" in capsys.readouterr().err
-    assert grade_code(GOOD, ASSERTS, limits=SandboxLimits(backend="unshare")).status == "correct"
+    assert grade_code(GOOD, ASSERTS, limits=SandboxConfig(backend="unshare")).status == "correct"

@@ -25,11 +25,12 @@ import random
 import sys
 import types
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from score_ray.answer_text import gsm8k_final, last_boxed
+from score_ray.config import FileSource
 
 KINDS = ("math", "code")
 
@@ -459,11 +460,12 @@ def load_problems(cfg: Any, base_dir: Optional[Path] = None) -> tuple[list[Probl
         return problems, LoadReport(source=f"gsm_symbolic[{cfg.split}]", valid=len(problems))
     if kind == "humaneval":
         path = humaneval_file()
-        reader = TableReader(_HumanEvalCfg(limit=cfg.limit), str(path))
+        # the packaged file, read with the humaneval preset
+        reader = TableReader(FileSource(type="file", path=str(path), preset="humaneval", limit=cfg.limit), str(path))
         report = LoadReport(source="humaneval")
         problems = reader.read(_read_table_file(path), report, cfg.limit)
         problems = [
-            Problem(**{**problem.to_dict(), "prompt": humaneval_problem_text(problem.prompt), "source": "humaneval"})
+            replace(problem, prompt=humaneval_problem_text(problem.prompt), source="humaneval")
             for problem in problems
         ]
         return problems, report
@@ -485,15 +487,5 @@ def load_problems(cfg: Any, base_dir: Optional[Path] = None) -> tuple[list[Probl
         )
     shots = _fewshot(cfg, reader, base_dir)
     if shots:
-        problems = [Problem(**{**p.to_dict(), "fewshot": shots}) for p in problems]
+        problems = [replace(p, fewshot=shots) for p in problems]
     return problems, report
-
-
-@dataclass(frozen=True)
-class _HumanEvalCfg:
-    """The humaneval source reads its packaged file with the humaneval preset."""
-
-    limit: Optional[int] = None
-    preset: str = "humaneval"
-    kind: Optional[str] = None
-    fields: dict = field(default_factory=dict)

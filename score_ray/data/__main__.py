@@ -51,10 +51,10 @@ def _show(label: str, problems: list[Problem], config: Config, count: int) -> No
     from transformers import AutoTokenizer
 
     from score_ray.assets import resolve_model_path
-    from score_ray.prompts import PromptSet, TwoTurnPrompter
+    from score_ray.prompts import TwoTurnPrompter
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model.path, config.model.tiny.model_dump()))
-    prompter = TwoTurnPrompter(tokenizer, PromptSet.from_config(config.prompts))
+    prompter = TwoTurnPrompter(tokenizer, config.prompts)
     rule = "-" * 78
     for problem in problems[:count]:
         turn1 = prompter.turn1_ids(problem)

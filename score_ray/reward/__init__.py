@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from score_ray.reward.code import grade_code
 from score_ray.reward.math import MathJudge, grade_math
-from score_ray.reward.sandbox import SandboxLimits
+from score_ray.config import SandboxConfig
 from score_ray.reward.types import STATUSES, GradeResult
 
 
@@ -31,7 +31,7 @@ class Grader:
     back with status ``error`` and the reason.
     """
 
-    def __init__(self, limits: SandboxLimits = SandboxLimits(), math_timeout_s: float = 5.0, threads: int = 2):
+    def __init__(self, limits: SandboxConfig = SandboxConfig(), math_timeout_s: float = 5.0, threads: int = 2):
         self.limits = limits
         self.math_timeout_s = math_timeout_s
         self.threads = threads
@@ -74,4 +74,4 @@ class Grader:
             judge.close()
 
 
-__all__ = ["Grader", "GradeResult", "SandboxLimits", "STATUSES", "grade_code", "grade_math"]
+__all__ = ["Grader", "GradeResult", "STATUSES", "grade_code", "grade_math"]

@@ -15,7 +15,8 @@ import re
 import secrets
 from typing import Optional, Union
 
-from score_ray.reward.sandbox import SandboxLimits, run_python
+from score_ray.config import SandboxConfig
+from score_ray.reward.sandbox import run_python
 from score_ray.reward.types import GradeResult
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -65,7 +66,7 @@ def grade_code(
     response: str,
     tests: Union[str, list[str]],
     entry_point: Optional[str] = None,
-    limits: SandboxLimits = SandboxLimits(),
+    limits: SandboxConfig = SandboxConfig(),
 ) -> GradeResult:
     program = extract_program(response)
     solution = program.rstrip() + "\n\n\n" + build_test_source(tests, entry_point)

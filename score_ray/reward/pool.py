@@ -16,25 +16,21 @@ from typing import Any, Callable, Optional
 
 import ray
 
+from score_ray.config import SandboxConfig
+from score_ray.placement import kill_actors, this_node
 from score_ray.reward import Grader
-from score_ray.reward.sandbox import SandboxLimits
 
 
 @ray.remote
 class RewardActor:
-    def __init__(self, limits: SandboxLimits, math_timeout_s: float, threads: int):
+    def __init__(self, limits: SandboxConfig, math_timeout_s: float, threads: int):
         self.grader = Grader(limits, math_timeout_s, threads)
-
-    def grade(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self.grader.grade(records)
 
     def timed_grade(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
         start = time.monotonic()
         return self.grader.grade(records), time.monotonic() - start
 
     def node(self) -> dict[str, Any]:
-        from score_ray.placement import this_node
-
         return this_node()
 
 
@@ -44,7 +40,7 @@ class RewardPool:
         workers: int = 2,
         cpus_per_worker: float = 0.5,
         threads_per_worker: int = 2,
-        limits: SandboxLimits = SandboxLimits(),
+        limits: SandboxConfig = SandboxConfig(),
         math_timeout_s: float = 5.0,
         chunk_size: int = 8,
         max_restarts: int = 3,
@@ -67,7 +63,7 @@ class RewardPool:
             workers=reward_config.workers,
             cpus_per_worker=reward_config.cpus_per_worker,
             threads_per_worker=reward_config.threads_per_worker,
-            limits=SandboxLimits.from_config(reward_config.sandbox),
+            limits=reward_config.sandbox,
             math_timeout_s=reward_config.math_timeout_s,
             max_restarts=reward_config.max_restarts,
         )
@@ -136,8 +132,4 @@ class RewardPool:
         return found
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:  # noqa: BLE001 - an actor already gone with its node
-                pass
+        kill_actors(self.actors)

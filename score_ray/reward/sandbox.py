@@ -34,28 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from score_ray.config import SandboxConfig
+
 NOBODY = 65534
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _warned_weak = False
-
-
-@dataclass(frozen=True)
-class SandboxLimits:
-    """Mirrors config.SandboxConfig (kept separate so the reward package imports no pydantic models)."""
-
-    backend: str = "auto"
-    wall_seconds: float = 10.0
-    cpu_seconds: int = 10
-    memory_mb: int = 1024
-    max_processes: int = 64
-    max_file_mb: int = 16
-    max_open_files: int = 64
-    max_output_kb: int = 64
-    python: str = "auto"
-
-    @classmethod
-    def from_config(cls, sandbox_config) -> "SandboxLimits":
-        return cls(**sandbox_config.model_dump())
 
 
 @dataclass
@@ -137,7 +120,7 @@ def _drop_privileges_command() -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
 
 
-def _bwrap_command(code_dir: str, limits: SandboxLimits) -> list[str]:
+def _bwrap_command(code_dir: str, limits: SandboxConfig) -> list[str]:
     command = [
         "bwrap",
         "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -192,7 +175,7 @@ exec(compile(source, main, "exec"), {"__name__": "__main__", "__builtins__": __b
 """
 
 
-def _launch(python: str, main: str, limits: SandboxLimits) -> list[str]:
+def _launch(python: str, main: str, limits: SandboxConfig) -> list[str]:
     """``python -I -S -c LAUNCHER <limits> main``: the program under its rlimits from its first line."""
     mb = 1024 * 1024
     numbers = (limits.cpu_seconds, limits.memory_mb * mb, limits.max_processes, limits.max_file_mb * mb,
@@ -211,7 +194,7 @@ def _tail(path: Path, max_bytes: int) -> str:
 def run_python(
     files: dict[str, str],
     main: str,
-    limits: SandboxLimits = SandboxLimits(),
+    limits: SandboxConfig = SandboxConfig(),
     stdin: str = "",
 ) -> SandboxResult:
     """Write ``files`` into a fresh folder, run ``python -I main`` on them in the sandbox.

@@ -5,7 +5,6 @@ machine: the fixture makes the token the way a user does (`ray get-auth-token --
 """
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, child_env, kill_tree
+from score_ray.placement import free_ports
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def head(tmp_path_factory):
     made = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0 and (home / ".ray" / "auth_token").is_file(), made.stderr[-2000:]
     # Every port its own: another local Ray (the session's test cluster) holds the default agent ports.
-    gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = (free_port() for _ in range(7))
+    gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = free_ports(7)
     log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w")
     process = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",

@@ -101,10 +101,10 @@ def test_a_reward_actor_past_its_restarts_leaves_the_pool_and_its_chunk_goes_to_
 @pytest.mark.slow
 def test_grader_timeouts_and_errors_score_zero_and_raise_the_alarm(ray_local):
     from score_ray.reward.pool import RewardPool
-    from score_ray.reward.sandbox import SandboxLimits
-    from score_ray.trainer import grading_alarm
+    from score_ray.config import SandboxConfig
+    from score_ray.faults import grading_alarm
 
-    pool = RewardPool(workers=1, cpus_per_worker=0.5, threads_per_worker=4, limits=SandboxLimits(wall_seconds=1.0))
+    pool = RewardPool(workers=1, cpus_per_worker=0.5, threads_per_worker=4, limits=SandboxConfig(wall_seconds=1.0))
     hang = {"kind": "code", "response": "```python\nwhile True: pass\n```", "tests": TESTS}
     crash = {"kind": "code", "response": GOOD}  # no tests: the grader reports an error, it does not raise
     good = {"kind": "code", "response": GOOD, "tests": TESTS}

@@ -20,10 +20,10 @@ def stack(request, ray_local):
     # Sampling at 0.7: the learner must score at the same temperature for the sampler's log-probs to match.
     config = load_config("smoke", [f"learner.zero_stage={request.param}", "learner.trainable=all", "learner.lr=2e-4",
                                    "rollout.temperature=0.7"])
-    path = resolve_model_path(config.model.path, config.model.tiny.model_dump())
-    generator = GeneratorActor.options(num_cpus=0.5).remote(path, config.rollout.model_dump(), config.prompts.model_dump(), 0)
-    reference = ReferenceActor.options(num_cpus=0.5).remote(path, 0.5)
-    group = LearnerGroup(path, config.learner, config.algo, 0, "float32", 120, temperature=config.rollout.temperature)
+    resolve_model_path(config.model.path, config.model.tiny.model_dump())  # built once, before the actors
+    generator = GeneratorActor.options(num_cpus=0.5).remote(config.model, config.rollout, config.prompts, 0)
+    reference = ReferenceActor.options(num_cpus=0.5).remote(config.model, 0.5)
+    group = LearnerGroup(config.model, config.learner, config.algo, 0, 120, temperature=config.rollout.temperature)
     ray.get([generator.ready.remote(), reference.ready.remote()])
     yield config, generator, reference, group
     group.shutdown()
@@ -35,48 +35,62 @@ def problems(config, n):
     from score_ray.data import load_problems
 
     found, _ = load_problems(config.data.train)
-    return [p.to_dict() for p in found[:n]]
+    return found[:n]
+
+
+def generate(generator, problems, samples):
+    import ray
+
+    return ray.get(generator.generate.remote(problems, samples)).episodes
 
 
 def sample_for(episode, ref, advantage):
-    sequence = episode["x2"] + episode["y2"]
-    start = len(episode["x2"]) - 1
-    width = len(sequence) - 1
-    mask = [0.0] * start + [1.0] * len(episode["y2"])
-    return {"input_ids": sequence, "loss_mask": mask, "advantage": [advantage] * width, "kl_coef": [0.0] * width,
-            "old_logp": [0.0] * width, "ref_logp": ref}
+    """A learner sample training y2 alone, with one advantage everywhere."""
+    from score_ray.samples import LearnerSample
+
+    start, end = episode.turn_span(2)
+    width = len(episode.sequence) - 1
+    mask = [0.0] * start + [1.0] * (end - start)
+    return LearnerSample(input_ids=episode.sequence, loss_mask=mask, advantage=[advantage] * width,
+                         kl_coef=[0.0] * width, old_logp=[0.0] * width, ref_logp=ref)
+
+
+def trainable_weights(group) -> bytes:
+    """Learner rank 0's trainable weights as the generators receive them (packed, score_ray.weight_pack)."""
+    import ray
+
+    _header, buffer = ray.get(group.publish_weights()[0])
+    return buffer.tobytes()
 
 
 def test_episodes_are_two_turns_built_from_sampled_ids(stack):
-    import ray
-
     config, generator, reference, group = stack
-    episodes = ray.get(generator.generate.remote(problems(config, 2), 2))
+    episodes = generate(generator, problems(config, 2), 2)
     assert len(episodes) == 4
     for episode in episodes:
-        assert episode["x2"][: len(episode["x1"]) + len(episode["y1"])] == episode["x1"] + episode["y1"]
-        assert len(episode["y1_logp"]) == len(episode["y1"]) and len(episode["y2_logp"]) == len(episode["y2"])
-        assert 0 < len(episode["y2"]) <= config.rollout.max_tokens_turn2
+        assert episode.x2[: len(episode.x1) + len(episode.y1)] == episode.x1 + episode.y1
+        assert len(episode.y1_logp) == len(episode.y1) and len(episode.y2_logp) == len(episode.y2)
+        assert 0 < len(episode.y2) <= config.rollout.max_tokens_turn2
     # The sampler's log-probs are the learner's, token for token, at the sampling temperature ...
-    sequences = [e["x2"] + e["y2"] for e in episodes]
+    sequences = [e.sequence for e in episodes]
     learner = group.sequence_logprobs(sequences, config.rollout.temperature)
     untempered = group.sequence_logprobs(sequences, 1.0)
-    start = len(episodes[0]["x2"]) - 1
+    start, end = episodes[0].turn_span(2)
     # ... and not at temperature 1, so the comparison can tell the two apart.
-    assert not np.allclose(episodes[0]["y2_logp"], untempered[0][start : start + len(episodes[0]["y2"])], atol=2e-3)
+    assert not np.allclose(episodes[0].y2_logp, untempered[0][start:end], atol=2e-3)
     for episode, logp in zip(episodes, learner):
-        start = len(episode["x2"]) - 1
-        assert np.allclose(episode["y2_logp"], logp[start : start + len(episode["y2"])], atol=2e-3)
-        start = len(episode["x1"]) - 1
-        assert np.allclose(episode["y1_logp"], logp[start : start + len(episode["y1"])], atol=2e-3)
+        start, end = episode.turn_span(2)
+        assert np.allclose(episode.y2_logp, logp[start:end], atol=2e-3)
+        start, end = episode.turn_span(1)
+        assert np.allclose(episode.y1_logp, logp[start:end], atol=2e-3)
 
 
 def test_loss_falls_on_a_fixed_batch_and_weights_sync_every_step(stack):
     import ray
 
     config, generator, reference, group = stack
-    episodes = ray.get(generator.generate.remote(problems(config, 2), 2))
-    sequences = [e["x2"] + e["y2"] for e in episodes]
+    episodes = generate(generator, problems(config, 2), 2)
+    sequences = [e.sequence for e in episodes]
     refs = ray.get(reference.sequence_logprobs.remote(sequences))
     batch = [sample_for(e, r, 1.0) for e, r in zip(episodes, refs)]
     probe = sequences[:1]
@@ -84,7 +98,7 @@ def test_loss_falls_on_a_fixed_batch_and_weights_sync_every_step(stack):
     for version in range(1, 4):
         stats = group.train_step(batch)
         losses.append(stats["loss"] / stats["tokens"])
-        ray.get(generator.update_weights.remote(group.weights_payload(), version))
+        ray.get(generator.update_weights.remote(group.publish_weights()[0], version))
         learner_now = group.sequence_logprobs(probe)[0]
         generator_now = ray.get(generator.sequence_logprobs.remote(probe))[0]
         # after every sync the generator scores exactly as the learner does ...
@@ -94,7 +108,7 @@ def test_loss_falls_on_a_fixed_batch_and_weights_sync_every_step(stack):
         before = learner_now
     assert losses[0] > losses[1] > losses[2], losses
     # positive advantages on y2 tokens: their log-probs rose
-    start = len(episodes[0]["x2"]) - 1
+    start, _ = episodes[0].turn_span(2)
     initial = refs[0][start:]
     assert np.mean(before[start:]) > np.mean(initial)
 
@@ -127,29 +141,30 @@ def test_a_non_finite_step_is_skipped_counted_and_the_last_good_state_checkpoint
 
     import ray
 
-    from score_ray.trainer import TrainerState, account_step, load_state, resumable_checkpoints, save_checkpoint
+    from score_ray.checkpoints import TrainerState, load_state, save_checkpoint, whole_checkpoints
+    from score_ray.faults import account_step
 
     config, generator, reference, group = stack
-    episodes = ray.get(generator.generate.remote(problems(config, 2), 2))
-    refs = ray.get(reference.sequence_logprobs.remote([e["x2"] + e["y2"] for e in episodes]))
-    good_weights = group.weights_payload()
+    episodes = generate(generator, problems(config, 2), 2)
+    refs = ray.get(reference.sequence_logprobs.remote([e.sequence for e in episodes]))
+    good_weights = trainable_weights(group)
     state, limit, message = TrainerState(iteration=7), 3, None
     for _ in range(limit):
         stats = group.train_step([sample_for(e, r, float("nan")) for e, r in zip(episodes, refs)])
         assert stats["applied"] == 0.0 and not math.isfinite(stats["loss"])
-        assert group.weights_payload() == good_weights  # byte for byte: nothing was applied
+        assert trainable_weights(group) == good_weights  # byte for byte: nothing was applied
         message = account_step(state, applied=False, limit=limit)
     assert state.skipped_steps == 3 and "3 optimiser steps in a row" in message
     assert "learner.max_skipped_steps_in_row=3" in message
     folder = save_checkpoint(tmp_path, group, state, keep=1)
     # A finite step is applied again after the skips, and moves the weights ...
     stats = group.train_step([sample_for(e, r, 1.0) for e, r in zip(episodes, refs)])
-    assert stats["applied"] == 1.0 and group.weights_payload() != good_weights
+    assert stats["applied"] == 1.0 and trainable_weights(group) != good_weights
     assert account_step(state, applied=True, limit=limit) is None and state.skipped_in_row == 0
     # ... and the checkpoint written at the stop holds the last good weights.
-    assert resumable_checkpoints(tmp_path)[0] == [folder] and load_state(folder).skipped_steps == 3
+    assert whole_checkpoints(tmp_path) == [folder] and load_state(folder).skipped_steps == 3
     group.load_checkpoint(str(folder / "deepspeed"), tag="state")
-    assert group.weights_payload() == good_weights
+    assert trainable_weights(group) == good_weights
 
 
 def test_the_engines_partial_reload_warning_is_silenced_in_the_worker_from_the_start(ray_local):
@@ -163,8 +178,7 @@ def test_the_engines_partial_reload_warning_is_silenced_in_the_worker_from_the_s
     from score_ray.rollout import GeneratorActor
 
     config = load_config("smoke")
-    generator = GeneratorActor.options(num_cpus=0.5).remote(
-        "tiny-random", config.rollout.model_dump(), config.prompts.model_dump(), 0, tiny_shape=config.model.tiny.model_dump())
+    generator = GeneratorActor.options(num_cpus=0.5).remote(config.model, config.rollout, config.prompts, 0)
     try:
         name = "vllm.model_executor.model_loader.reload.layerwise"
         levels = ray.get(generator.__ray_call__.remote(

@@ -5,12 +5,10 @@ import re
 
 import pytest
 
-from conftest import child_env, kill_tree, run_module
+from conftest import EVAL_KEYS, PER_TURN_KEYS, REDONE_KEYS, assert_same_as_uninterrupted, child_env, kill_tree, run_module
 
 pytestmark = pytest.mark.slow
 
-TRAIN_KEYS = [f"train/{name}_t{turn}" for name in ("reward", "kl", "entropy", "length", "truncated") for turn in (1, 2)]
-EVAL_KEYS = ["eval/acc_t1", "eval/acc_t2", "eval/delta", "eval/delta_i2c", "eval/delta_c2i"]
 PERF_KEYS = ["perf/rollout_seconds", "perf/grading_seconds", "perf/reference_seconds", "perf/learner_seconds",
              "perf/sync_seconds", "perf/iteration_seconds"]
 
@@ -21,7 +19,6 @@ PERF_KEYS = ["perf/rollout_seconds", "perf/grading_seconds", "perf/reference_sec
 COMMON = ["--config", "configs/smoke.yaml", "eval.at_start=true", "eval.every=1", "data.eval.count=8",
           "checkpoint.every=1", "checkpoint.keep=2", "algo.schedule.stage2_iterations=2", "algo.kl_estimator=k1",
           "learner.lr=1e-3"]
-COMPARED = TRAIN_KEYS + ["train/loss", "train/pg_loss", "train/kl_loss", "train/grad_norm", "train/i2c", "train/c2i"]
 
 
 def read_rows(run_dir):
@@ -44,8 +41,12 @@ def test_smoke_run_writes_every_metric(uninterrupted, tmp_path):
     assert [r["iteration"] for r in train_rows] == [1, 2, 3]
     assert [r["train/stage"] for r in train_rows] == [1, 2, 2]  # Stage I, then Stage II
     assert train_rows[0]["train/kl_t1"] < 1e-6 < 1e-3 < train_rows[2]["train/kl_t1"]  # the weights moved
+    from score_ray.metrics import METRICS
+
+    unnamed = {key for row in rows for key in row} - set(METRICS)
+    assert not unnamed, f"logged keys missing from score_ray.metrics.METRICS: {sorted(unnamed)}"
     for row in train_rows:
-        assert all(key in row for key in TRAIN_KEYS + PERF_KEYS), sorted(set(TRAIN_KEYS + PERF_KEYS) - set(row))
+        assert all(key in row for key in PER_TURN_KEYS + PERF_KEYS), sorted(set(PER_TURN_KEYS + PERF_KEYS) - set(row))
         assert row["train/episodes"] == 8 and row["perf/rollout_retries"] == 0 and row["train/step_skipped"] == 0
     eval_rows = [r for r in rows if "eval/acc_t1" in r]
     assert [r["iteration"] for r in eval_rows] == [0, 1, 2, 3]  # base, after each iteration but the last, final
@@ -103,16 +104,8 @@ def test_a_driver_killed_mid_iteration_resumes_to_the_same_metrics(uninterrupted
     resumed = run_module("score_ray.launch", *COMMON, f"run.output_dir={tmp_path}", "run.resume=true", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from iter-000002: iteration 2" in resumed.stdout
-    rows = read_rows(run_dir)
-    train = {r["iteration"]: r for r in rows if "train/stage" in r}
-    expected = {r["iteration"]: r for r in reference_rows if "train/stage" in r}
-    assert sorted(train) == [1, 2, 3]  # iteration 3 once, though it had started before the kill
-    for iteration in (1, 2, 3):
-        for key in COMPARED:
-            assert train[iteration][key] == pytest.approx(expected[iteration][key], rel=1e-4, abs=1e-6), (iteration, key)
-    final = [r for r in rows if "eval/acc_t1" in r][-1]
-    final_expected = [r for r in reference_rows if "eval/acc_t1" in r][-1]
-    assert {k: final[k] for k in EVAL_KEYS} == {k: final_expected[k] for k in EVAL_KEYS}
+    # iteration 3 once, though it had started before the kill
+    assert_same_as_uninterrupted(read_rows(run_dir), reference_rows, [1, 2, 3])
 
 
 def test_a_generator_killed_mid_rollout_is_restarted_resynced_and_its_share_redone(uninterrupted, tmp_path):
@@ -157,7 +150,7 @@ def test_a_generator_killed_mid_rollout_is_restarted_resynced_and_its_share_redo
     assert [train[i]["perf/rollout_retries"] for i in (1, 2, 3)] == [0, 1, 0]
     assert all(train[i]["train/episodes"] == 8 for i in (1, 2, 3))
     for iteration in (2, 3):
-        for key in COMPARED:
+        for key in REDONE_KEYS:
             assert train[iteration][key] == pytest.approx(expected[iteration][key], rel=1e-4, abs=1e-6), (iteration, key)
     assert json.loads((run_dir / "summary.json").read_text())["generator_restarts"] == 1
 
@@ -173,7 +166,7 @@ def test_overlap_mode_generates_one_step_ahead_and_trains_off_policy(uninterrupt
     train = {r["iteration"]: r for r in read_rows(run_dir) if "train/stage" in r}
     expected = {r["iteration"]: r for r in read_rows(uninterrupted[0]) if "train/stage" in r}
     assert [train[i]["train/off_policy"] for i in (1, 2, 3)] == [0.0, 1.0, 1.0]
-    for key in COMPARED:
+    for key in REDONE_KEYS:
         assert train[1][key] == pytest.approx(expected[1][key], rel=1e-4, abs=1e-6), key
     assert train[2]["train/kl_t1"] < 1e-6 < 1e-4 < expected[2]["train/kl_t1"]
     assert train[3]["train/kl_t1"] > 1e-4  # the generators did receive step 1's weights before iteration 3

@@ -6,7 +6,6 @@ module-scoped fixture holds the engine and tears the process group down after.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 import pytest
 import torch
 
+from score_ray.placement import free_ports
 from score_ray.weight_sync_gpu import (
     NcclWeightSync,
     Zero3WeightSource,
@@ -25,19 +25,13 @@ from score_ray.weight_sync_gpu import (
 SHAPE = dict(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256, seed=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero3():
     """(HF reference weights in named_parameters order, DeepSpeed ZeRO-3 engine, HF names)."""
     from score_ray.assets import ensure_tiny_model, torch_extensions_dir
 
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_ports(1)[0]), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
     # Reuse the cached build of DeepSpeed's CPU comm op instead of compiling it again.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
@@ -296,18 +290,18 @@ def test_module_imports_on_cpu():
 
 @pytest.fixture(scope="module")
 def two_rank_nccl_path(tmp_path_factory):
-    """Run tests/nccl_path_rank.py as ranks 0 and 1 of a ZeRO-3 group (gloo); their results, and the HF weights."""
+    """Run tests/system/nccl_path_rank.py as ranks 0 and 1 of a ZeRO-3 group (gloo); their results, and the HF weights."""
     from transformers import AutoModelForCausalLM
 
     from score_ray.assets import ensure_tiny_model, torch_extensions_dir
 
     out = tmp_path_factory.mktemp("nccl-path")
     path = ensure_tiny_model(**SHAPE)
-    env_base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+    env_base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]), "WORLD_SIZE": "2",
                 "LOCAL_RANK": "0", "TORCH_EXTENSIONS_DIR": str(torch_extensions_dir()), "OMP_NUM_THREADS": "1"}
     script = os.path.join(os.path.dirname(__file__), "nccl_path_rank.py")
     # 40 KB chunks: the tiny model's 1.2 MB in bf16 goes in many chunks, as a real model does in 256 MB ones
-    args = [sys.executable, script, str(out), str(path), str(_free_port()), str(40_000)]
+    args = [sys.executable, script, str(out), str(path), str(free_ports(1)[0]), str(40_000)]
     logs = [out / f"rank{rank}.log" for rank in (0, 1)]
     ranks = []
     try:

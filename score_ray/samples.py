@@ -1,0 +1,67 @@
+"""Episodes -> learner samples: which positions of x2 + y2 are trained, with what advantage,
+KL coefficient and log-probs (pure functions over lists; positions from ``Episode.turn_span``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from score_ray.episode import TURNS, Episode
+
+# The per-position fields of a LearnerSample, in the order the learner collates them.
+POSITION_FIELDS = ("loss_mask", "advantage", "kl_coef", "old_logp", "ref_logp")
+
+
+@dataclass
+class LearnerSample:
+    """One sequence for the learner. Every per-position list has len(input_ids) - 1 entries:
+    position t scores token t + 1. Untrained positions hold 0."""
+
+    input_ids: list[int]  # x2 + y2
+    loss_mask: list[float]  # 1.0 at the trained tokens of y1 and y2
+    advantage: list[float]  # the turn's advantage, broadcast over its tokens
+    kl_coef: list[float]  # the turn's KL coefficient (0 when the KL is in the reward)
+    old_logp: list[float]  # the sampler's log-probs (PPO's ratio, the off-policy weight)
+    ref_logp: list[float]  # the frozen reference's log-probs (the KL)
+
+
+def trained_positions(episode: Episode) -> list[float]:
+    """1.0 at the log-prob positions of the sampled y1 and y2 tokens of an episode, else 0.0."""
+    flags = [0.0] * (len(episode.sequence) - 1)
+    for turn in TURNS:
+        start, end = episode.turn_span(turn)
+        flags[start:end] = [1.0] * (end - start)
+    return flags
+
+
+def build_samples(
+    episodes: Sequence[Episode], ref_logps: Sequence[list[float]], scored: dict[str, list[float]],
+    turns: Sequence[int] = TURNS,
+) -> list[LearnerSample]:
+    """One sample per episode: the full sequence x2 + y2 with the tokens of the turns in ``turns`` trained
+    ([1] is single-turn RL). ``scored`` is ``algo.score_turns``'s output (adv1/2, kl_coef1/2 per episode)."""
+    samples = []
+    for index, (episode, ref) in enumerate(zip(episodes, ref_logps)):
+        width = len(episode.sequence) - 1
+        mask, advantage, coef, old = ([0.0] * width for _ in range(4))
+        for turn in turns:
+            start, end = episode.turn_span(turn)
+            mask[start:end] = [1.0] * (end - start)
+            advantage[start:end] = [scored[f"adv{turn}"][index]] * (end - start)
+            coef[start:end] = [scored[f"kl_coef{turn}"][index]] * (end - start)
+            logp = episode.response_logp(turn)
+            if len(logp) != end - start:
+                raise ValueError(f"episode of {episode.problem.id}: turn {turn} has {end - start} tokens but "
+                                 f"{len(logp)} sampler log-probs")
+            old[start:end] = logp
+        samples.append(LearnerSample(episode.sequence, mask, advantage, coef, old, ref))
+    return samples
+
+
+def turn_kl_sums(episode: Episode, ref: list[float]) -> tuple[float, float]:
+    """Summed log(pi/ref) of the sampled tokens of each turn (for the KL in the reward)."""
+    sums = []
+    for turn in TURNS:
+        start, end = episode.turn_span(turn)
+        sums.append(sum(p - r for p, r in zip(episode.response_logp(turn), ref[start:end])))
+    return sums[0], sums[1]

@@ -1,0 +1,32 @@
+"""score_ray.learner without a process group: dealing samples to ranks in token-bounded micro-batches,
+and collating them so every per-position field lines up with the log-probs."""
+
+from score_ray.learner import collate, split_micro_batches
+from score_ray.samples import POSITION_FIELDS, LearnerSample
+
+
+def sample(length: int, tag: float = 1.0) -> LearnerSample:
+    width = length - 1
+    return LearnerSample(input_ids=list(range(1, length + 1)), loss_mask=[1.0] * width, advantage=[tag] * width,
+                         kl_coef=[0.0] * width, old_logp=[-0.5] * width, ref_logp=[-0.25] * width)
+
+
+def test_ranks_get_the_same_number_of_token_bounded_micro_batches_and_every_sample_once():
+    samples = [sample(n, float(i)) for i, n in enumerate([40, 10, 30, 20, 25, 5, 8])]
+    per_rank = split_micro_batches(samples, ranks=2, max_tokens=60)
+    assert len(per_rank) == 2 and len(per_rank[0]) == len(per_rank[1])  # ZeRO-3: every rank in every forward
+    dealt = [s.advantage[0] for batches in per_rank for batch in batches for s in batch]
+    assert sorted(dealt) == [float(i) for i in range(7)]
+    for batches in per_rank:
+        for batch in batches:  # padded to the longest: width x rows within the budget (a lone long one may pass)
+            assert len(batch) <= 1 or max(len(s.input_ids) for s in batch) * len(batch) <= 60
+    loads = [sum(len(s.input_ids) for batch in batches for s in batch) for batches in per_rank]
+    assert abs(loads[0] - loads[1]) <= 10  # longest first to the least-loaded rank
+
+
+def test_collate_pads_right_and_aligns_each_field_to_the_position_that_scores_the_next_token():
+    ids, attention, fields = collate([sample(4, 2.0), sample(2, 3.0)], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 0, 0]] and attention.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert set(fields) == set(POSITION_FIELDS)
+    assert fields["loss_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]  # padding is never trained
+    assert fields["advantage"].tolist() == [[2, 2, 2], [3, 0, 0]]

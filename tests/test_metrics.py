@@ -1,0 +1,69 @@
+"""score_ray.metrics: the logged names, the per-turn metrics by hand, the phase timer."""
+
+import math
+
+import pytest
+
+from score_ray.data import Problem
+from score_ray.episode import Episode
+from score_ray.metrics import METRICS, PhaseTimer, iteration_metrics, orchestration, turn_metrics
+
+PROBLEM = Problem(id="p0", kind="math", prompt="1 + 1", answer="2")
+
+
+def episode(y1_logp, y2_logp, truncated=(False, False)):
+    x1 = [1, 2]
+    y1 = list(range(10, 10 + len(y1_logp)))
+    x2 = x1 + y1 + [7]
+    y2 = list(range(20, 20 + len(y2_logp)))
+    return Episode(problem=PROBLEM, sample=0, x1=x1, y1=y1, y1_logp=list(y1_logp), y1_truncated=truncated[0],
+                   x2=x2, y2=y2, y2_logp=list(y2_logp), y2_truncated=truncated[1])
+
+
+def test_per_turn_metrics_by_hand():
+    first = episode([-0.5, -1.5], [-1.0], truncated=(True, False))
+    second = episode([-1.0], [-2.0, -2.0])
+    ref_first = [0.0] * (len(first.sequence) - 1)
+    ref_first[1:3] = [-0.5, -0.5]  # turn 1: log pi/ref = 0 and -1; turn 2 (position 4): log pi/ref = -1
+    ref_first[4] = 0.0
+    ref_second = [0.0] * (len(second.sequence) - 1)
+    ref_second[1] = -1.0  # turn 1: log pi/ref = 0
+    ref_second[3:5] = [-2.0, -2.0]  # turn 2: 0, 0
+    out = turn_metrics([first, second], [ref_first, ref_second], r1=[0.0, 1.0], r2=[1.0, 0.0])
+    k3 = lambda x: math.exp(-x) - 1 + x  # noqa: E731 - the estimator at log-ratio x
+    assert out["train/kl_t1"] == pytest.approx(((k3(0.0) + k3(-1.0)) / 2 + k3(0.0)) / 2)
+    assert out["train/kl_t2"] == pytest.approx((k3(-1.0) + 0.0) / 2)
+    assert out["train/entropy_t1"] == pytest.approx((1.0 + 1.0) / 2)
+    assert out["train/entropy_t2"] == pytest.approx((1.0 + 2.0) / 2)
+    assert (out["train/length_t1"], out["train/length_t2"]) == (1.5, 1.5)
+    assert (out["train/truncated_t1"], out["train/truncated_t2"]) == (0.5, 0.0)
+    assert (out["train/i2c"], out["train/c2i"]) == (0.5, 0.5)
+    assert (out["train/reward_t1"], out["train/reward_t2"]) == (0.5, 0.5)
+
+
+def test_every_metric_an_iteration_logs_is_named_in_the_catalogue():
+    episodes = [episode([-0.5], [-0.5]), episode([-0.5], [-0.5])]
+    refs = [[0.0] * (len(e.sequence) - 1) for e in episodes]
+    step = {"loss": 2.0, "pg": 1.0, "kl": 0.5, "clipped": 0.0, "entropy": 1.0, "tokens": 4.0, "grad_norm": 0.3,
+            "applied": 1.0, "micro_batches": 1, "seconds": 0.1}
+    graded = [{"status": s} for s in ("correct", "wrong", "timeout", "error")]
+    out = iteration_metrics(2, episodes, refs, [0.0, 1.0], [1.0, 1.0], graded, {"reward2": [11.0, 1.0]}, step,
+                            off_policy=False, alarm=True, skipped_steps=0)
+    assert set(out) <= set(METRICS)
+    assert out["train/loss"] == 0.5 and out["train/shaped_reward_t2"] == 6.0
+    assert (out["train/grader_timeouts"], out["train/grader_errors"], out["train/grader_alarm"]) == (0.25, 0.25, 1.0)
+    assert out["perf/generated_tokens"] == 4.0
+    timed = {"perf/iteration_seconds": 2.0, "perf/rollout_compute_seconds": 0.5, "perf/learner_compute_seconds": 1.0}
+    assert orchestration(timed) == {"perf/orchestration_seconds": 0.5, "perf/orchestration_fraction": 0.25}
+    assert set(orchestration(timed)) <= set(METRICS)
+
+
+def test_the_phase_timer_names_each_phase_and_refuses_an_unknown_one():
+    timer = PhaseTimer()
+    with timer.phase("grading"):
+        pass
+    assert list(timer.seconds) == ["perf/grading_seconds"] and timer.seconds["perf/grading_seconds"] >= 0.0
+    assert "perf/grading_seconds" in METRICS
+    with pytest.raises(ValueError, match="unknown phase 'gradnig'"):
+        with timer.phase("gradnig"):
+            pass
