@@ -527,10 +527,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _retire_estimator_override(raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """An ``algo.estimator=...`` override replaces the file's algo.advantage / algo.policy_loss, as it did
+    when it was the one key (``AlgoConfig`` maps it and warns; both keys given on the command line are refused
+    there)."""
+    if not any(item.partition("=")[0].strip() == "algo.estimator" for item in overrides):
+        return overrides
+    algo_section = raw.get("algo")
+    if isinstance(algo_section, dict):
+        for key in ("advantage", "policy_loss", "estimator"):
+            algo_section.pop(key, None)
+    return overrides
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Load, merge and validate. Raises ConfigError naming every bad key."""
     file = find_config_file(path)
-    raw = apply_overrides(_read_yaml(file), overrides or [])
+    overrides = overrides or []
+    raw = _read_yaml(file)
+    raw = apply_overrides(raw, _retire_estimator_override(raw, overrides))
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

@@ -90,8 +90,6 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: Path, actors: ActorGroup, train_problems: list[Problem],
                  eval_problems: list[Problem]):
-        from tqdm import tqdm
-
         self.config, self.run_dir, self.actors = config, run_dir, actors
         self.train_problems, self.eval_problems = train_problems, eval_problems
         schedule = config.algo.schedule
@@ -100,16 +98,17 @@ class Trainer:
         self.state = TrainerState()
         self.rng = random.Random(config.run.seed)
         self.logger = None
-        self.bar = tqdm(total=len(self.plan), desc="SCoRe", unit="it", dynamic_ncols=True,
-                        disable=not sys.stderr.isatty())
+        self.bar = None
         self.stage_name = ""
         self.durations: list[float] = []
         self.prefetched: Optional[tuple[RolloutHandle, tuple[int, int]]] = None  # rollout.overlap: in flight
-        self.learner_version = actors.version  # weights the learner holds, counted like the generators' version
+        self.learner_version = 0  # weights the learner holds, counted like the generators' version
 
     # ------------------------------------------------------------------ start, finish
     def start(self, resuming: bool) -> None:
         """Resume from the newest whole checkpoint, open the logs, evaluate the base model."""
+        from tqdm import tqdm
+
         from score_ray.tracking import MetricsLogger
 
         resumed_from = None
@@ -124,13 +123,15 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, self.config, resume=resumed_from is not None)
         if self.state.rng_state is not None:
             self.rng.setstate(self.state.rng_state)
-        self.bar.n = self.state.iteration
+        self.learner_version = self.actors.version  # after the resume's sync: both hold the checkpoint's weights
         if resumed_from is None and self.config.eval.at_start:
             metrics, episodes = self.evaluate("base eval")
             self.state.base_eval = metrics
             self.logger.log({ITERATION: 0, **eval_metrics(metrics)})
             self.logger.log_samples(0, episodes)
             print("base model:\n" + format_table({"base": metrics}), flush=True)
+        self.bar = tqdm(total=len(self.plan), initial=self.state.iteration, desc="SCoRe", unit="it", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
 
     def finish(self, model_path: str) -> None:
         """Final eval, the trained model (HF folder), summary.json and plots."""
@@ -138,7 +139,8 @@ class Trainer:
 
         from score_ray.tracking import write_plots
 
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         if self.actors.version < self.learner_version:
             self.actors.sync_weights()
         final_metrics, final_episodes = self.evaluate("final eval")
@@ -373,15 +375,16 @@ class Trainer:
         except PlacementTimeout as err:
             raise RuntimeError(f"{reason}, and no capacity for it came back within cluster.resource_timeout_s="
                                f"{timeout:g}s ({err}); the run stops here; {where}") from err
-        base_eval = self.state.base_eval
-        folder, self.state = load_newest(self.run_dir, actors.learner)
+        folder, state = load_newest(self.run_dir, actors.learner)
         if folder is None:
-            self.state.base_eval = base_eval
-        self.rng = random.Random(config.run.seed)
-        if self.state.rng_state is not None:
-            self.rng.setstate(self.state.rng_state)
-        moved = roll_back_metrics(self.run_dir, self.state.iteration)
+            state.base_eval = self.state.base_eval
+        rng = random.Random(config.run.seed)
+        if state.rng_state is not None:
+            rng.setstate(state.rng_state)
+        moved = roll_back_metrics(self.run_dir, state.iteration)
         actors.sync_weights()
+        # only now: a loss during the reload or re-sync is retried from the iteration that was lost
+        self.state, self.rng = state, rng
         print(f"score_ray: learner placed again; continuing from {folder.name if folder else 'the start'} "
-              f"(iteration {self.state.iteration}; {moved} metric rows moved to metrics.rolled_back.jsonl)",
+              f"(iteration {state.iteration}; {moved} metric rows moved to metrics.rolled_back.jsonl)",
               file=sys.stderr, flush=True)

@@ -122,10 +122,10 @@ def test_autoscaler_containers(relative):
     options = " ".join(docker["run_options"])
     for needed in ("--cap-add=SYS_ADMIN", "seccomp=unconfined", "apparmor=unconfined"):
         assert needed in options, f"{relative}: run_options lack {needed} (the graders' bubblewrap sandbox)"
-    # The launch waits for autoscaled nodes only when the driver sees this variable (trainer.check_resources).
-    trainer = (ROOT / "score_ray" / "trainer.py").read_text()
-    assert re.search(r"environ\.get\([\"']SCORE_RAY_AUTOSCALING[\"']\)", trainer), (
-        "score_ray/trainer.py no longer reads SCORE_RAY_AUTOSCALING: update the cluster files and this test"
+    # The launch waits for autoscaled nodes only when the driver sees this variable (placement.check_resources).
+    placement = (ROOT / "score_ray" / "placement.py").read_text()
+    assert re.search(r"environ\.get\([\"']SCORE_RAY_AUTOSCALING[\"']\)", placement), (
+        "score_ray/placement.py no longer reads SCORE_RAY_AUTOSCALING: update the cluster files and this test"
     )
     assert "--env SCORE_RAY_AUTOSCALING=1" in docker["head_run_options"], (
         f"{relative}: the head container must set SCORE_RAY_AUTOSCALING=1"

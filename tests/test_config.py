@@ -168,6 +168,9 @@ def test_the_retired_estimator_key_still_works_with_a_warning_and_refuses_a_cont
     assert (config.algo.advantage, config.algo.policy_loss) == ("rloo", "ppo_clip")
     with pytest.warns(FutureWarning):
         assert load_config("smoke", ["algo.estimator=reinforce"]).algo.advantage == "reinforce"
+    with pytest.warns(FutureWarning):  # on the command line it replaces what a shipped config file sets
+        config = load_config("cpu_demo", ["algo.estimator=ppo"])
+    assert (config.algo.advantage, config.algo.policy_loss) == ("rloo", "ppo_clip")
     message = error_of("algo.estimator=ppo", "algo.policy_loss=pg")
     assert "algo.policy_loss=ppo_clip" in message and "drop algo.estimator" in message
     assert "never one of its values" in error_of("algo.estimator=a2c")

@@ -172,6 +172,17 @@ def test_overlap_mode_generates_one_step_ahead_and_trains_off_policy(uninterrupt
     assert train[3]["train/kl_t1"] > 1e-4  # the generators did receive step 1's weights before iteration 3
     assert all(train[i]["train/step_skipped"] == 0.0 for i in (1, 2, 3))
 
+    # Resumed for two more iterations: the first samples from the checkpoint's weights, which the learner holds
+    # too (on-policy); the second was prefetched after the generators took the learner's step-4 weights.
+    resumed = run_module("score_ray.launch", *COMMON, f"run.output_dir={tmp_path}", "rollout.overlap=true",
+                         "eval.every=0", "eval.at_start=false", "run.resume=true", "algo.schedule.stage2_iterations=4",
+                         timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from iter-000003: iteration 3" in resumed.stdout
+    train = {r["iteration"]: r for r in read_rows(run_dir) if "train/stage" in r}
+    assert sorted(train) == [1, 2, 3, 4, 5]
+    assert [train[i]["train/off_policy"] for i in (4, 5)] == [0.0, 1.0]
+
 
 def test_a_cluster_without_the_requested_gpus_fails_in_seconds(tmp_path):
     import time
