@@ -58,8 +58,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
                                        num_gpus=config.rollout.gpus_per_generator).remote(
-        config.model, config.rollout, config.prompts, config.run.seed
-    )
+        config.model.model_copy(update={"path": path}), config.rollout, config.prompts, config.run.seed
+    )  # resolved here, as printed: a relative model folder means the one beside the user
     pool = RewardPool.from_config(config.reward)
     try:
         metrics, _ = two_turn_eval(lambda batch: ray.get(generator.generate.remote(batch, 1, True)).episodes, pool,
