@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo smoke test test-fast lock clean
+.PHONY: setup demo smoke study test test-fast lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,10 @@ demo: setup
 
 smoke: setup
 	$(PY) -m score_ray.launch --config configs/smoke.yaml
+
+# The CPU study: methods x seeds, resumable (finished runs are skipped); results in results/cpu_study/.
+study: setup
+	$(PY) -m score_ray.study configs/studies/cpu_study.yaml
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -285,7 +285,14 @@ class ScheduleConfig(_Strict):
 RETIRED_ESTIMATORS = {"rloo": ("rloo", "pg"), "reinforce": ("reinforce", "pg"), "ppo": ("rloo", "ppo_clip")}
 
 
+OBJECTIVES = ("rl", "star", "pair_sft")
+
+
 class AlgoConfig(_Strict):
+    objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
+        "rl", description="rl: SCoRe's policy gradient; star / pair_sft: the paper's supervised baselines on the "
+        "model's own episodes (docs/methods.md)"
+    )
     # Allowed values are the keys of score_ray.algo's tables.
     advantage: Literal[tuple(_algo.ADVANTAGE_ESTIMATORS)] = "rloo"  # type: ignore[valid-type]
     policy_loss: Literal[tuple(_algo.POLICY_LOSSES)] = "pg"  # type: ignore[valid-type]
@@ -431,6 +438,11 @@ class Config(_Strict):
         if self.algo.advantage == "rloo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 "algo.advantage=rloo needs rollout.samples_per_prompt >= 2 (a leave-one-out baseline needs peers)"
+            )
+        if self.algo.objective != "rl" and self.rollout.overlap:
+            raise ValueError(
+                f"algo.objective={self.algo.objective} is supervised on chosen episodes and has no off-policy "
+                "correction: set rollout.overlap=false"
             )
         if self.learner.weight_sync == "nccl" and not (self.learner.gpus_per_rank and self.rollout.gpus_per_generator):
             raise ValueError(

@@ -17,12 +17,32 @@ from typing import Optional
 from score_ray.config import ConfigError, load_config
 
 
+def start_engine(config, path: str):
+    """A local Ray, one generator on the model folder ``path`` (resolved on the driver, as printed: a relative
+    folder means the one beside the user) and the reward pool."""
+    import ray
+
+    from score_ray.reward.pool import RewardPool
+    from score_ray.rollout import GeneratorActor
+
+    # "local": a Ray of our own unless RAY_ADDRESS names one (never a stray local cluster of another program)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
+                                       num_gpus=config.rollout.gpus_per_generator).remote(
+        config.model.model_copy(update={"path": path}), config.rollout, config.prompts, config.run.seed)
+    return generator, RewardPool.from_config(config.reward)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m score_ray.eval", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="HF model folder, run folder, 'smollm2' or 'tiny-random'")
     parser.add_argument("--config", default=None, help="config for data, prompts and rollout (default: the run's own)")
     parser.add_argument("--n", type=int, default=None, help="evaluate on the first N held-out problems")
     parser.add_argument("--output", type=Path, default=None, help="write the metrics as JSON here")
+    parser.add_argument("--records", type=Path, default=None, help="write one JSON line per problem (id, r1, r2) here")
+    parser.add_argument("--on-train", action="store_true",
+                        help="evaluate the config's TRAINING problems: probes for choosing settings (the held-out "
+                             "split is for final numbers only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
@@ -42,33 +62,26 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from score_ray.assets import resolve_model_path
     from score_ray.data import load_problems
-    from score_ray.evaluate import format_table, two_turn_eval
-    from score_ray.reward.pool import RewardPool
-    from score_ray.rollout import GeneratorActor
-
+    from score_ray.evaluate import format_table, two_turn_eval, write_eval_records
     try:
         path = resolve_model_path(config.model.path, config.model.tiny.model_dump())
-        problems, report = load_problems(config.data.eval)
+        problems, report = load_problems(config.data.train if args.on_train else config.data.eval)
     except (FileNotFoundError, ValueError) as err:
         print(f"score_ray.eval: {err}", file=sys.stderr)
         return 3
     problems = problems[: args.n] if args.n else problems
     print(f"{report.source}: evaluating {len(problems)} problems with {path}", flush=True)
-    # "local": a Ray of our own unless RAY_ADDRESS names one (never a stray local cluster of another program)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
-    generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
-                                       num_gpus=config.rollout.gpus_per_generator).remote(
-        config.model.model_copy(update={"path": path}), config.rollout, config.prompts, config.run.seed
-    )  # resolved here, as printed: a relative model folder means the one beside the user
-    pool = RewardPool.from_config(config.reward)
+    generator, pool = start_engine(config, path)
     try:
-        metrics, _ = two_turn_eval(lambda batch: ray.get(generator.generate.remote(batch, 1, True)).episodes, pool,
+        metrics, episodes = two_turn_eval(lambda batch: ray.get(generator.generate.remote(batch, 1, True)).episodes, pool,
                                    problems)
     finally:
         pool.shutdown()
         ray.kill(generator)
         ray.shutdown()
     print(format_table({Path(path).name[:14]: metrics}))
+    if args.records:
+        write_eval_records(args.records, episodes)
     if args.output:
         args.output.write_text(json.dumps({f"eval/{k}": v for k, v in metrics.items()}, indent=2))
     return 0

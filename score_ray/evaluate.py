@@ -53,6 +53,22 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def write_eval_records(path, episodes: Sequence["Episode"]) -> None:
+    """One JSON line per held-out problem (id, r1, r2, both answers, their token lengths and whether they hit
+    the token cap): what a study pairs per problem."""
+    import json
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for episode in episodes:
+            handle.write(json.dumps({"id": episode.problem.id, "r1": episode.r1, "r2": episode.r2,
+                                     "y1": episode.y1_text, "y2": episode.y2_text, "length1": len(episode.y1),
+                                     "length2": len(episode.y2), "truncated1": episode.y1_truncated,
+                                     "truncated2": episode.y2_truncated}) + "\n")
+    os.replace(tmp, path)
+
+
 def grade_episodes(pool, episodes: Sequence["Episode"]) -> tuple[list[float], list[float], list[dict[str, Any]]]:
     """Rewards of both turns of every episode through the reward pool."""
     records = []

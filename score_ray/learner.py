@@ -36,6 +36,11 @@ from score_ray.samples import POSITION_FIELDS, LearnerSample
 SUMMED_STATS = ("loss", "pg", "kl", "clipped", "entropy", "tokens")
 
 
+def no_step() -> dict[str, float]:
+    """The stats of a step not taken (nothing to train on): the weights and optimiser state stay as they are."""
+    return {**dict.fromkeys(SUMMED_STATS, 0.0), "seconds": 0.0, "grad_norm": 0.0, "applied": 1.0, "micro_batches": 0}
+
+
 def gather(refs: list, role: str = "learner rank", grace_s: float = 60.0) -> list:
     """``ray.get`` of every ref, raising ``LearnerLost`` as soon as ONE actor died: the others may be
     blocked in a collective with the dead one and would never answer.

@@ -1,9 +1,15 @@
 """Episodes -> learner samples: which positions of x2 + y2 are trained, with what advantage,
-KL coefficient and log-probs (pure functions over lists; positions from ``Episode.turn_span``)."""
+KL coefficient and log-probs (pure functions over lists; positions from ``Episode.turn_span``).
+
+The supervised baselines (algo.objective, docs/methods.md) choose what to learn from here too:
+``star_episodes`` keeps the episodes whose second attempt is right; ``pair_sft_episodes`` pairs a
+wrong first attempt with a right attempt at the same problem as its second turn. Both are then
+trained with advantage 1 and no KL (``supervised_credit``): a token-level cross-entropy.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from score_ray.episode import TURNS, Episode
@@ -65,3 +71,35 @@ def turn_kl_sums(episode: Episode, ref: list[float]) -> tuple[float, float]:
         start, end = episode.turn_span(turn)
         sums.append(sum(p - r for p, r in zip(episode.response_logp(turn), ref[start:end])))
     return sums[0], sums[1]
+
+
+def star_episodes(episodes: Sequence[Episode], r2: Sequence[float]) -> list[Episode]:
+    """STaR: the episodes whose second attempt is right (both turns are then trained)."""
+    return [episode for episode, reward in zip(episodes, r2) if reward >= 0.5]
+
+
+def pair_sft_episodes(episodes: Sequence[Episode], r1: Sequence[float], r2: Sequence[float]) -> list[Episode]:
+    """Pair-SFT: each wrong first attempt, with a right attempt at the same problem as its second turn (the
+    first right y1 or y2 of the problem's samples, in batch order); problems with no right attempt give none."""
+    right: dict[str, tuple[list[int], list[float], str]] = {}
+    for episode, a, b in zip(episodes, r1, r2):
+        for turn, reward in ((1, a), (2, b)):
+            if reward >= 0.5 and episode.problem.id not in right:
+                right[episode.problem.id] = (episode.response(turn), episode.response_logp(turn),
+                                             episode.response_text(turn))
+    paired = []
+    for episode, a in zip(episodes, r1):
+        if a < 0.5 and episode.problem.id in right:
+            tokens, logp, text = right[episode.problem.id]
+            paired.append(replace(episode, y2=list(tokens), y2_logp=list(logp), y2_text=text, y2_truncated=False))
+    return paired
+
+
+def supervised_credit(count: int) -> dict[str, list[float]]:
+    """``algo.score_turns``'s shape for the supervised baselines: advantage 1 on every chosen episode, no KL."""
+    return {"reward1": [1.0] * count, "reward2": [1.0] * count, "adv1": [1.0] * count, "adv2": [1.0] * count,
+            "kl_coef1": [0.0] * count, "kl_coef2": [0.0] * count}
+
+
+# The turns each supervised objective trains.
+SUPERVISED_TURNS = {"star": (1, 2), "pair_sft": (2,)}

@@ -32,7 +32,7 @@ from score_ray.checkpoints import TrainerState, load_newest, roll_back_metrics, 
 from score_ray.config import Config, dump_config
 from score_ray.data import Problem
 from score_ray.episode import Episode
-from score_ray.evaluate import format_table, grade_episodes, two_turn_eval
+from score_ray.evaluate import format_table, grade_episodes, two_turn_eval, write_eval_records
 from score_ray.faults import (
     MAX_RECOVERIES_IN_ROW,
     LearnerLost,
@@ -41,9 +41,18 @@ from score_ray.faults import (
     account_step,
     grading_alarm,
 )
+from score_ray.learner import no_step
 from score_ray.metrics import ITERATION, PhaseTimer, eval_metrics, iteration_metrics, orchestration
 from score_ray.placement import check_resources, ray_init
-from score_ray.samples import build_samples, trained_positions, turn_kl_sums
+from score_ray.samples import (
+    SUPERVISED_TURNS,
+    build_samples,
+    pair_sft_episodes,
+    star_episodes,
+    supervised_credit,
+    trained_positions,
+    turn_kl_sums,
+)
 
 
 def train(config: Config, run_dir: Path) -> int:
@@ -129,6 +138,7 @@ class Trainer:
             self.state.base_eval = metrics
             self.logger.log({ITERATION: 0, **eval_metrics(metrics)})
             self.logger.log_samples(0, episodes)
+            write_eval_records(self.run_dir / "eval_base.jsonl", episodes)
             print("base model:\n" + format_table({"base": metrics}), flush=True)
         self.bar = tqdm(total=len(self.plan), initial=self.state.iteration, desc="SCoRe", unit="it", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
@@ -146,6 +156,7 @@ class Trainer:
         final_metrics, final_episodes = self.evaluate("final eval")
         self.logger.log({ITERATION: self.state.iteration, **eval_metrics(final_metrics)})
         self.logger.log_samples(self.state.iteration, final_episodes)
+        write_eval_records(self.run_dir / "eval_final.jsonl", final_episodes)
         final_dir = self.run_dir / "final_model"
         self.actors.learner.save_hf(str(final_dir))
         AutoTokenizer.from_pretrained(model_path).save_pretrained(str(final_dir))
@@ -166,7 +177,7 @@ class Trainer:
         self.logger.finish({k: v for k, v in summary["final_eval"].items() if isinstance(v, float)})
         self.logger = None
         print(format_table(rows))
-        print(f"run folder: {self.run_dir} (summary.json, metrics.jsonl, final_model/, "
+        print(f"run folder: {self.run_dir} (summary.json, metrics.jsonl, eval_final.jsonl, final_model/, "
               + ", ".join(p.name for p in plots) + ")", flush=True)
 
     def close(self) -> None:
@@ -178,7 +189,7 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
     def iteration(self) -> None:
         """One SCoRe iteration: rollout, grade, reference, credit, learn, sync; then log, eval, checkpoint."""
-        config, actors = self.config, self.actors
+        actors = self.actors
         iteration, stage = self.state.iteration + 1, self.plan[self.state.iteration]
         self.stage_name = "I" if stage == algo.STAGE_I else "II"
         timer, start = PhaseTimer(), time.monotonic()
@@ -189,13 +200,11 @@ class Trainer:
         with self.phase(timer, "grading"):
             r1, r2, graded = grade_episodes(actors.pool, episodes)
         alarm = self.check_grades(iteration, graded)
+        chosen = self.supervised_choice(episodes, r1, r2)  # the baselines' episodes to imitate; None for RL
         with self.phase(timer, "reference"):
-            # the KL needs the reference's log-probs at the trained positions only
-            ref_logps, reference_seconds = actors.reference_logprobs(
-                [e.sequence for e in episodes], [trained_positions(e) for e in episodes])
+            ref_logps, chosen_refs, reference_seconds = self.reference(episodes + (chosen or []), len(episodes))
         with self.phase(timer, "scoring"):
-            scored = self.credit(stage, episodes, ref_logps, r1, r2)
-            samples = build_samples(episodes, ref_logps, scored, tuple(config.algo.train_turns))
+            scored, samples = self.credit(stage, episodes, ref_logps, r1, r2, chosen, chosen_refs)
         with self.phase(timer, "learner"):
             step, off_policy = self.learn(samples, episodes)
         halt = self.account(iteration, step)
@@ -258,27 +267,52 @@ class Trainer:
         self.prefetched = self.start_rollout(iteration)
         return sync
 
+    def supervised_choice(self, episodes: list[Episode], r1: list[float], r2: list[float]) -> Optional[list[Episode]]:
+        """algo.objective star / pair_sft: the episodes to fine-tune on (score_ray.samples); None for RL."""
+        objective = self.config.algo.objective
+        if objective == "star":
+            return star_episodes(episodes, r2)
+        if objective == "pair_sft":
+            return pair_sft_episodes(episodes, r1, r2)
+        return None
+
     def check_grades(self, iteration: int, graded: list[dict]) -> Optional[str]:
         alarm = grading_alarm(graded, self.config.reward.alarm_fraction)
         if alarm:
             print(f"score_ray: ALARM iteration {iteration}: {alarm}", file=sys.stderr, flush=True)
         return alarm
 
+    def reference(self, episodes: list[Episode], sampled: int) -> tuple[list[list[float]], list[list[float]], float]:
+        """The reference's log-probs of the first ``sampled`` episodes, of the rest (the baselines' chosen ones),
+        and its compute seconds. The KL needs them at the trained positions only."""
+        ref_logps, seconds = self.actors.reference_logprobs([e.sequence for e in episodes],
+                                                            [trained_positions(e) for e in episodes])
+        return ref_logps[:sampled], ref_logps[sampled:], seconds
+
     def credit(self, stage: int, episodes: list[Episode], ref_logps: list[list[float]], r1: list[float],
-               r2: list[float]) -> dict[str, list[float]]:
-        """Shaped per-turn rewards, advantages and KL coefficients of the stage (score_ray.algo)."""
+               r2: list[float], chosen: Optional[list[Episode]], chosen_refs: list[list[float]]):
+        """(per-episode credit, learner samples). RL: the stage's shaped per-turn rewards, advantages and KL
+        coefficients (score_ray.algo); the supervised baselines: advantage 1 on the chosen episodes, no KL."""
         settings = self.config.algo
+        if chosen is not None:
+            samples = build_samples(chosen, chosen_refs, supervised_credit(len(chosen)),
+                                    SUPERVISED_TURNS[settings.objective])
+            return {"reward2": list(r2)}, samples  # no shaping: the metrics report r2
         kl_sums = [turn_kl_sums(e, ref) for e, ref in zip(episodes, ref_logps)]
-        return algo.score_turns(
+        scored = algo.score_turns(
             stage, r1, r2, [e.problem.id for e in episodes], settings.alpha, settings.beta1, settings.beta2,
             advantage=settings.advantage, normalize_advantages=settings.normalize_advantages,
             kl_in_reward=settings.kl_in == "reward", kl1=[k[0] for k in kl_sums], kl2=[k[1] for k in kl_sums],
         )
+        return scored, build_samples(episodes, ref_logps, scored, tuple(settings.train_turns))
 
     def learn(self, samples, episodes: list[Episode]) -> tuple[dict[str, float], bool]:
         """The optimiser step(s) on this batch; (the learner's stats, whether older weights sampled it)."""
         settings = self.config.algo
         off_policy = any(e.weight_version < self.learner_version for e in episodes)
+        if not any(any(s.loss_mask) for s in samples):  # a baseline found nothing to imitate: no step
+            self.learner_version += 1
+            return no_step(), off_policy
         for _ in range(algo.learner_passes(settings.policy_loss, settings.ppo_epochs)):
             step = self.actors.learner.train_step(samples, off_policy=off_policy)
         self.learner_version += 1

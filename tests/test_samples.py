@@ -40,3 +40,38 @@ def test_a_sampler_log_prob_list_that_does_not_match_its_tokens_is_refused_namin
         build_samples([episode], [[0.0] * 5], scored)
     with pytest.raises(ValueError, match="turn must be 1 or 2"):
         episode.turn_span(3)
+
+
+def two_turn(problem_id: str, y1: list[int], y2: list[int]) -> Episode:
+    problem = Problem(id=problem_id, kind="math", prompt="1 + 1", answer="2")
+    x1 = [1, 2]
+    return Episode(problem=problem, sample=0, x1=x1, y1=y1, y1_logp=[-0.1] * len(y1), y1_truncated=False,
+                   x2=x1 + y1 + [9], y2=y2, y2_logp=[-0.2] * len(y2), y1_text=str(y1), y2_text=str(y2))
+
+
+def test_star_keeps_the_episodes_whose_second_attempt_is_right_and_trains_both_turns():
+    from score_ray.samples import SUPERVISED_TURNS, star_episodes, supervised_credit
+
+    episodes = [two_turn("a", [3], [4]), two_turn("a", [5], [6]), two_turn("b", [7], [8, 8])]
+    chosen = star_episodes(episodes, r2=[1.0, 0.0, 1.0])
+    assert chosen == [episodes[0], episodes[2]]
+    (first, second) = build_samples(chosen, [[0.0] * 4, [0.0] * 5], supervised_credit(2), SUPERVISED_TURNS["star"])
+    assert first.loss_mask == [0, 1, 0, 1] and first.advantage == [0, 1, 0, 1] and first.kl_coef == [0] * 4
+    assert second.loss_mask == [0, 1, 0, 1, 1]
+
+
+def test_pair_sft_gives_each_wrong_first_attempt_a_right_attempt_at_the_same_problem_as_its_second_turn():
+    from score_ray.samples import SUPERVISED_TURNS, pair_sft_episodes, supervised_credit
+
+    episodes = [two_turn("a", [3], [4]), two_turn("a", [5], [6, 6]), two_turn("b", [7], [8])]
+    # a: sample 0 wrong then wrong, sample 1 right at turn 1; b: wrong twice, nothing right to pair with
+    pairs = pair_sft_episodes(episodes, r1=[0.0, 1.0, 0.0], r2=[0.0, 0.0, 0.0])
+    assert len(pairs) == 1
+    (pair,) = pairs
+    assert pair.x2 == episodes[0].x2 and pair.y1 == [3] and pair.y2 == [5] and pair.y2_text == "[5]"
+    assert episodes[0].y2 == [4]  # the sampled episode is not changed
+    (sample,) = build_samples(pairs, [[0.0] * 4], supervised_credit(1), SUPERVISED_TURNS["pair_sft"])
+    assert sample.input_ids == [1, 2, 3, 9, 5] and sample.loss_mask == [0, 0, 0, 1]  # only the correction
+    # a wrong first attempt whose own second attempt is right is paired with that one
+    (own,) = pair_sft_episodes([episodes[2]], r1=[0.0], r2=[1.0])
+    assert own.y2 == [8]

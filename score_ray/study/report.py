@@ -1,0 +1,137 @@
+"""A study's report from its finished runs: ``summary.json``, ``table.md`` (the paper's table, mean over
+seeds +- standard error, score_ray.study.stats) and ``plot.png`` (Delta and Acc@t2 per method; held-out
+accuracy over iterations), all under results/<study>/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from score_ray.study.stats import PER_PROBLEM, Records, common_problems, estimate, gain
+
+if TYPE_CHECKING:
+    from score_ray.study import StudySpec
+
+KEYS = tuple(PER_PROBLEM)
+LABELS = {"eval/acc_t1": "Acc@t1", "eval/acc_t2": "Acc@t2", "eval/delta": "Delta(t1,t2)",
+          "eval/delta_i2c": "Delta_i->c", "eval/delta_c2i": "Delta_c->i"}
+
+
+def read_records(path: Path) -> Records:
+    """problem id -> (r1, r2) from a run's eval_final.jsonl."""
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            records[row["id"]] = (float(row["r1"]), float(row["r2"]))
+    return records
+
+
+def finished_runs(spec: "StudySpec") -> dict[str, dict[int, Path]]:
+    """method -> seed -> the run's folder of kept files, for the runs that finished."""
+    from score_ray.study import run_folder
+
+    found: dict[str, dict[int, Path]] = {}
+    for method, chosen in spec.methods.items():
+        for seed in chosen.seeds:
+            folder = run_folder(spec, method, seed)
+            if (folder / "summary.json").is_file() and (folder / "eval_final.jsonl").is_file():
+                found.setdefault(method, {})[seed] = folder
+    return found
+
+
+def summarise(spec: "StudySpec", runs: dict[str, dict[int, Path]]) -> dict:
+    """The summary.json of the issue's shape: per method its seeds and the five metrics' mean and se, and the
+    treated method's gain over the control, paired per problem (over the problems every run evaluated)."""
+    records = {method: [read_records(folder / "eval_final.jsonl") for folder in seeds.values()]
+               for method, seeds in runs.items()}
+    problems = common_problems([run for runs_of in records.values() for run in runs_of])
+    summary: dict = {"study": spec.name, "n_problems": len(problems), "methods": {}}
+    for method, runs_of in records.items():
+        summary["methods"][method] = {"seeds": sorted(runs[method]),
+                                      **{key: estimate(runs_of, problems, key) for key in KEYS}}
+    if problems and spec.treated in records and spec.control in records:
+        summary["gain"] = {key: gain(records[spec.treated], records[spec.control], problems, key) for key in KEYS}
+        summary["gain_of"] = f"{spec.treated} - {spec.control}"
+    return summary
+
+
+def table(summary: dict) -> str:
+    header = "| method | seeds | " + " | ".join(LABELS[k] for k in KEYS) + " |"
+    lines = [header, "|" + "---|" * (len(KEYS) + 2)]
+    rows = [(name, entry) for name, entry in summary["methods"].items()]
+    if "gain" in summary:
+        rows.append((f"gain: {summary['gain_of']}", {"seeds": [], **summary["gain"]}))
+    for name, entry in rows:
+        cells = " | ".join(f"{100 * entry[k]['mean']:+.1f} +- {100 * entry[k]['se']:.1f}" if name.startswith("gain")
+                           else f"{100 * entry[k]['mean']:.1f} +- {100 * entry[k]['se']:.1f}" for k in KEYS)
+        seeds = len(entry["seeds"]) if entry["seeds"] else ""
+        lines.append(f"| {name} | {seeds} | {cells} |")
+    lines.append("")
+    lines.append(f"Percent of {summary['n_problems']} held-out problems (greedy, two turns); mean over seeds +- one "
+                 "standard error counting the problems (paired per problem) and the seeds.")
+    return "\n".join(lines) + "\n"
+
+
+def eval_curves(runs: dict[str, dict[int, Path]]) -> dict[str, list[tuple[int, float, float]]]:
+    """method -> [(iteration, Acc@t1, Acc@t2)] averaged over seeds, from each run's metrics.jsonl."""
+    curves = {}
+    for method, seeds in runs.items():
+        points: dict[int, list[tuple[float, float]]] = {}
+        for folder in seeds.values():
+            path = folder / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            for line in path.read_text().splitlines():
+                row = json.loads(line) if line.strip() else {}
+                if "eval/acc_t1" in row:
+                    points.setdefault(row["iteration"], []).append((row["eval/acc_t1"], row["eval/acc_t2"]))
+        if points:
+            curves[method] = [(it, sum(p[0] for p in v) / len(v), sum(p[1] for p in v) / len(v))
+                              for it, v in sorted(points.items())]
+    return curves
+
+
+def plot(summary: dict, curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary["methods"])
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.38
+    for offset, key, label in ((-width / 2, "eval/delta", "Delta(t1,t2)"), (width / 2, "eval/acc_t2", "Acc@t2")):
+        means = [100 * summary["methods"][m][key]["mean"] for m in methods]
+        errors = [100 * summary["methods"][m][key]["se"] for m in methods]
+        bars.bar([i + offset for i in range(len(methods))], means, width, yerr=errors, capsize=3, label=label)
+    bars.axhline(0, color="black", linewidth=0.8)
+    bars.set_xticks(range(len(methods)), methods, rotation=20)
+    bars.set_ylabel("percent of held-out problems")
+    bars.set_title(f"Delta and Acc@t2 per method (+- 1 SE, {summary['n_problems']} problems)")
+    bars.legend()
+    for method, points in curves.items():
+        lines.plot([p[0] for p in points], [100 * p[2] for p in points], marker=".", label=f"{method} Acc@t2")
+    lines.set_xlabel("iteration")
+    lines.set_ylabel("held-out Acc@t2 (%)")
+    lines.set_title("Held-out accuracy over training (mean over seeds)")
+    if curves:
+        lines.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(spec: "StudySpec") -> dict:
+    runs = finished_runs(spec)
+    out = Path(spec.results_dir) / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    if not runs:
+        return {}
+    summary = summarise(spec, runs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "table.md").write_text(table(summary))
+    plot(summary, eval_curves(runs), out / "plot.png")
+    print(table(summary), flush=True)
+    return summary

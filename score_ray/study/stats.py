@@ -1,0 +1,79 @@
+"""A study's statistics: the paper's five metrics per method, as a mean over seeds with a standard error
+that counts both the held-out problems (paired per problem) and the seeds; and one method's gain over
+another, paired per problem. Pure functions over per-problem rewards.
+
+For a metric with per-problem values v[s][i] (seed s, problem i; e.g. Delta: right@t2 - right@t1):
+    y_i = mean over seeds of v[s][i]          m_s = mean over problems of v[s][i]
+    mean = mean_i y_i
+    se^2 = var_i(y_i) / N  +  var_s(m_s) / S
+The first term is the problems' sampling error (paired: both turns, and both methods of a gain, are
+compared on the same problem), the second the seeds'; their overlap (the problem x seed interaction) is
+counted twice, so the error is slightly conservative. With one seed the seed term is 0: the table says
+how many seeds each mean has.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+# Per-problem value of each of the paper's five metrics, from the rewards of the two attempts.
+RIGHT = 0.5
+
+
+def _right(reward: float) -> float:
+    return 1.0 if reward >= RIGHT else 0.0
+
+
+PER_PROBLEM: dict[str, Callable[[float, float], float]] = {
+    "eval/acc_t1": lambda r1, r2: _right(r1),
+    "eval/acc_t2": lambda r1, r2: _right(r2),
+    "eval/delta": lambda r1, r2: _right(r2) - _right(r1),
+    "eval/delta_i2c": lambda r1, r2: (1.0 - _right(r1)) * _right(r2),
+    "eval/delta_c2i": lambda r1, r2: _right(r1) * (1.0 - _right(r2)),
+}
+
+Records = dict[str, tuple[float, float]]  # problem id -> (r1, r2) of one run
+
+
+def _variance(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+def common_problems(runs: Sequence[Records]) -> list[str]:
+    """The problem ids every run evaluated, in the first run's order (a study compares only these)."""
+    if not runs:
+        return []
+    shared = set(runs[0]).intersection(*runs[1:])
+    return [problem for problem in runs[0] if problem in shared]
+
+
+def values(run: Records, problems: Sequence[str], key: str) -> list[float]:
+    per_problem = PER_PROBLEM[key]
+    return [per_problem(*run[problem]) for problem in problems]
+
+
+def estimate(seeds: Sequence[Records], problems: Sequence[str], key: str) -> dict[str, float]:
+    """{"mean", "se"} of ``key`` over ``seeds`` (runs of one method) on ``problems``."""
+    table = [values(run, problems, key) for run in seeds]
+    return _combine([sum(column) / len(table) for column in zip(*table)], [sum(row) / len(row) for row in table])
+
+
+def gain(treated: Sequence[Records], control: Sequence[Records], problems: Sequence[str], key: str) -> dict[str, float]:
+    """{"mean", "se"} of ``treated`` minus ``control`` in ``key``, paired per problem; each side's seed
+    variance adds to the error."""
+    a = [values(run, problems, key) for run in treated]
+    b = [values(run, problems, key) for run in control]
+    per_problem = [sum(x) / len(a) - sum(y) / len(b) for x, y in zip(zip(*a), zip(*b))]
+    seed_term = _variance([sum(row) / len(row) for row in a]) / len(a) + _variance([sum(row) / len(row) for row in b]) / len(b)
+    mean = sum(per_problem) / len(per_problem)
+    return {"mean": mean, "se": math.sqrt(_variance(per_problem) / len(per_problem) + seed_term)}
+
+
+def _combine(per_problem: list[float], per_seed: list[float]) -> dict[str, float]:
+    mean = sum(per_problem) / len(per_problem)
+    se = math.sqrt(_variance(per_problem) / len(per_problem) + _variance(per_seed) / len(per_seed))
+    return {"mean": mean, "se": se}

@@ -1,0 +1,96 @@
+"""score_ray.study without running anything: the statistics by hand, the study file's checks, the report."""
+
+import json
+import math
+
+import pytest
+
+from score_ray.study.stats import common_problems, estimate, gain
+
+
+def test_a_methods_mean_and_error_count_both_problems_and_seeds_by_hand():
+    # two seeds, four problems; Delta per problem: seed 0 (+1, 0, 0, -1), seed 1 (+1, +1, 0, 0)
+    seed0 = {"a": (0.0, 1.0), "b": (1.0, 1.0), "c": (0.0, 0.0), "d": (1.0, 0.0)}
+    seed1 = {"a": (0.0, 1.0), "b": (0.0, 1.0), "c": (0.0, 0.0), "d": (1.0, 1.0)}
+    problems = common_problems([seed0, seed1])
+    delta = estimate([seed0, seed1], problems, "eval/delta")
+    # per problem over seeds: 1, 0.5, 0, -0.5 -> mean 0.25, sample variance 0.41667; seed means 0 and 0.5
+    assert delta["mean"] == pytest.approx(0.25)
+    assert delta["se"] == pytest.approx(math.sqrt((1.25 / 3) / 4 + 0.125 / 2))
+    i2c = estimate([seed0, seed1], problems, "eval/delta_i2c")
+    assert i2c["mean"] == pytest.approx((1 / 4 + 2 / 4) / 2)
+    one_seed = estimate([seed0], problems, "eval/acc_t1")  # one seed: the problems' error alone
+    assert one_seed == pytest.approx({"mean": 0.5, "se": math.sqrt((1 / 3) / 4)})
+
+
+def test_a_gain_is_paired_per_problem():
+    treated = [{"a": (1.0, 1.0), "b": (0.0, 1.0), "c": (1.0, 1.0)}]
+    control = [{"a": (1.0, 1.0), "b": (0.0, 0.0), "c": (1.0, 0.0)}]
+    # Acc@t2 per problem: treated 1, 1, 1; control 1, 0, 0 -> differences 0, 1, 1
+    result = gain(treated, control, ["a", "b", "c"], "eval/acc_t2")
+    assert result["mean"] == pytest.approx(2 / 3)
+    assert result["se"] == pytest.approx(math.sqrt((1 / 3) / 3))
+    assert common_problems([treated[0], {"a": (0, 0), "c": (0, 0)}]) == ["a", "c"]  # only what both evaluated
+
+
+def test_the_study_file_is_checked_and_every_method_keeps_the_same_held_out_set(tmp_path):
+    from score_ray.study import load_study
+
+    good = tmp_path / "study.yaml"
+    good.write_text("name: s\nconfig: smoke\nmethods:\n  base: {train: false}\n  score: {seeds: [0, 1]}\n")
+    spec = load_study(good)
+    assert spec.methods["score"].seeds == [0, 1] and not spec.methods["base"].train
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: s\nconfig: smoke\nmethods:\n  score: {seeds: [0], overides: []}\n")
+    with pytest.raises(SystemExit, match="overides"):
+        load_study(bad)
+    bad.write_text("name: s\nconfig: smoke\nmethods:\n  score: {overrides: [data.eval.count=5]}\n")
+    with pytest.raises(SystemExit, match="the study's held-out problems"):
+        load_study(bad)
+
+
+def test_the_report_writes_the_table_plot_and_summary_of_the_finished_runs(tmp_path):
+    from score_ray.study import load_study
+    from score_ray.study.report import write_report
+
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: s\nconfig: smoke\nresults_dir: {tmp_path / 'results'}\n"
+                     "methods:\n  base: {train: false}\n  score: {seeds: [0, 1]}\n  star: {seeds: [0]}\n")
+    spec = load_study(study)
+    outcomes = {("base", 0): [(1, 0), (0, 0), (1, 1)], ("score", 0): [(1, 1), (0, 1), (1, 1)],
+                ("score", 1): [(1, 1), (0, 0), (1, 1)]}  # star seed 0 never finished
+    for (method, seed), rewards in outcomes.items():
+        folder = tmp_path / "results" / "s" / method / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text("{}")
+        (folder / "eval_final.jsonl").write_text("".join(
+            json.dumps({"id": f"p{i}", "r1": a, "r2": b}) + "\n" for i, (a, b) in enumerate(rewards)))
+        (folder / "metrics.jsonl").write_text(json.dumps({"iteration": 2, "eval/acc_t1": 0.5, "eval/acc_t2": 0.6}) + "\n")
+    summary = write_report(spec)
+    out = tmp_path / "results" / "s"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["n_problems"] == 3 and set(summary["methods"]) == {"base", "score"}
+    assert summary["methods"]["score"]["seeds"] == [0, 1]
+    assert set(summary["methods"]["score"]) == {"seeds", "eval/acc_t1", "eval/acc_t2", "eval/delta",
+                                                "eval/delta_i2c", "eval/delta_c2i"}
+    # Delta: base (-1, 0, 0) -> -1/3; score (0, +1, 0) and (0, 0, 0) -> 1/6; the gain 1/2
+    assert summary["methods"]["base"]["eval/delta"]["mean"] == pytest.approx(-1 / 3)
+    assert summary["gain"]["eval/delta"]["mean"] == pytest.approx(1 / 6 + 1 / 3)
+    text = (out / "table.md").read_text()
+    assert "| score | 2 |" in text and "gain: score - base" in text and "of 3 held-out problems" in text
+    assert (out / "plot.png").stat().st_size > 10_000
+
+
+def test_every_shipped_study_and_each_of_its_methods_validates():
+    from pathlib import Path
+
+    from score_ray.config import load_config
+    from score_ray.study import load_study
+
+    studies = sorted((Path(__file__).resolve().parent.parent / "configs" / "studies").glob("*.yaml"))
+    assert studies
+    for path in studies:
+        spec = load_study(path)
+        assert spec.control in spec.methods and spec.treated in spec.methods, path
+        for method in spec.methods.values():
+            load_config(spec.config, spec.overrides + method.overrides)
