@@ -82,8 +82,8 @@ def _command(spec: StudySpec, method: str, seed: int, records: Path, output: Pat
         from score_ray.config import load_config
 
         model = load_config(spec.config, overrides).model.path
-        return [sys.executable, "-m", "score_ray.eval", model, "--config", spec.config, "--records", str(records),
-                "--output", str(output), *overrides, f"run.seed={seed}"]
+        return [sys.executable, "-m", "score_ray.eval", model, *overrides, f"run.seed={seed}", "--config", spec.config,
+                "--records", str(records), "--output", str(output)]
     return [sys.executable, "-m", "score_ray.launch", "--config", spec.config, *overrides,
             f"run.name={spec.name}-{method}-s{seed}", f"run.seed={seed}", f"run.output_dir={spec.runs_dir}",
             "run.resume=true"]
@@ -135,5 +135,5 @@ def run_study(spec: StudySpec, only: Optional[list[str]] = None) -> int:
             write_report(spec)
         else:
             failures += 1
-    write_report(spec)
+    write_report(spec, show=True)
     return failures

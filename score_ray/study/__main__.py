@@ -24,7 +24,7 @@ def main(argv=None) -> int:
               f"(it has {', '.join(spec.methods)})", file=sys.stderr)
         return 2
     if args.report_only:
-        write_report(spec)
+        write_report(spec, show=True)
         return 0
     failures = run_study(spec, args.only)
     return 1 if failures else 0

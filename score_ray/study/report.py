@@ -123,7 +123,7 @@ def plot(summary: dict, curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(spec: "StudySpec") -> dict:
+def write_report(spec: "StudySpec", show: bool = False) -> dict:
     runs = finished_runs(spec)
     out = Path(spec.results_dir) / spec.name
     out.mkdir(parents=True, exist_ok=True)
@@ -133,5 +133,6 @@ def write_report(spec: "StudySpec") -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(table(summary))
     plot(summary, eval_curves(runs), out / "plot.png")
-    print(table(summary), flush=True)
+    if show:
+        print(table(summary), flush=True)
     return summary
