@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,8 +26,15 @@ def start_engine(config, path: str):
     from score_ray.reward.pool import RewardPool
     from score_ray.rollout import GeneratorActor
 
-    # "local": a Ray of our own unless RAY_ADDRESS names one (never a stray local cluster of another program)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # A Ray of our own (never a stray local cluster of another program), with the logical CPUs the engine
+        # and the graders ask for even on a machine with fewer (cpu_demo's engine alone takes both of 2 cores).
+        needed = config.rollout.cpus_per_generator + config.reward.workers * config.reward.cpus_per_worker
+        ray.init(address="local", num_cpus=max(math.ceil(needed), os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
     generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
                                        num_gpus=config.rollout.gpus_per_generator).remote(
         config.model.model_copy(update={"path": path}), config.rollout, config.prompts, config.run.seed)
@@ -74,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     generator, pool = start_engine(config, path)
     try:
         metrics, episodes = two_turn_eval(lambda batch: ray.get(generator.generate.remote(batch, 1, True)).episodes, pool,
-                                   problems)
+                                          problems, chunk=config.eval.batch_problems)
     finally:
         pool.shutdown()
         ray.kill(generator)

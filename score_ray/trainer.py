@@ -350,7 +350,8 @@ class Trainer:
         if not sys.stderr.isatty():
             print(f"{label}: greedy two-turn eval on {len(self.eval_problems)} held-out problems ...", flush=True)
         result = two_turn_eval(lambda batch: self.actors.generate(batch, 1, greedy=True), self.actors.pool,
-                               self.eval_problems, label=label, chunk=25 * len(self.actors.generators))
+                               self.eval_problems, label=label,
+                               chunk=self.config.eval.batch_problems * len(self.actors.generators))
         if not sys.stderr.isatty():
             print(f"{label}: done in {time.monotonic() - start:.0f}s", flush=True)
         return result
