@@ -95,7 +95,13 @@ def run_one(spec: StudySpec, method: str, seed: int) -> bool:
     work = Path(spec.runs_dir).resolve() / f"{spec.name}-{method}-s{seed}.work"
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
-    command = _command(spec, method, seed, work / "eval_final.jsonl", work / "eval.json")
+    from score_ray.config import ConfigError
+
+    try:
+        command = _command(spec, method, seed, work / "eval_final.jsonl", work / "eval.json")
+    except ConfigError as err:
+        print(f"  failed: {err}", flush=True)
+        return False
     with open(log, "a") as handle:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
@@ -106,6 +112,9 @@ def run_one(spec: StudySpec, method: str, seed: int) -> bool:
     dest.mkdir(parents=True, exist_ok=True)
     if spec.methods[method].train:
         folders = sorted(Path(spec.runs_dir).glob(f"{spec.name}-{method}-s{seed}-*"), key=lambda p: p.stat().st_mtime)
+        if not folders or not (folders[-1] / "eval_final.jsonl").is_file():
+            print(f"  failed: the run left no run folder with eval_final.jsonl in {spec.runs_dir}; see {log}", flush=True)
+            return False
         source = folders[-1]
     else:
         source = work
