@@ -1,0 +1,27 @@
+"""score_ray.placement without a cluster: what a run asks Ray for, and free ports."""
+
+from score_ray.config import load_config
+from score_ray.placement import free_ports, reference_gpus, resource_needs
+
+
+def test_resource_needs_sum_every_actor_by_hand():
+    config = load_config("smoke", ["rollout.num_generators=2", "rollout.gpus_per_generator=1",
+                                   "rollout.cpus_per_generator=1.5", "learner.num_ranks=4", "learner.gpus_per_rank=0.8",
+                                   "learner.cpus_per_rank=2", "learner.reference_gpus=0.2", "reward.workers=3",
+                                   "reward.cpus_per_worker=0.5", "rollout.resources={engine_node: 1}",
+                                   "learner.resources={trainer_node: 0.5}"])
+    needs = resource_needs(config)
+    assert needs["GPU"] == 2 * 1 + 4 * 0.8 + 0.2
+    assert needs["CPU"] == 2 * 1.5 + (4 + 1) * 2 + 3 * 0.5  # the reference takes a rank's CPUs
+    assert needs["engine_node"] == 2 and needs["trainer_node"] == 5 * 0.5  # ranks and the reference
+    assert reference_gpus(load_config("smoke", ["learner.gpus_per_rank=1"])) == 1  # default: a rank's share
+
+
+def test_free_ports_are_distinct_and_bindable():
+    import socket
+
+    ports = free_ports(5)
+    assert len(set(ports)) == 5
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("", port))
