@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,20 +19,12 @@ from score_ray.config import ConfigError, load_config
 def start_engine(config, path: str):
     """A local Ray, one generator on the model folder ``path`` (resolved on the driver, as printed: a relative
     folder means the one beside the user) and the reward pool."""
-    import ray
-
+    from score_ray.placement import ray_init
     from score_ray.reward.pool import RewardPool
     from score_ray.rollout import GeneratorActor
 
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # A Ray of our own (never a stray local cluster of another program), with the logical CPUs the engine
-        # and the graders ask for even on a machine with fewer (cpu_demo's engine alone takes both of 2 cores).
-        needed = config.rollout.cpus_per_generator + config.reward.workers * config.reward.cpus_per_worker
-        ray.init(address="local", num_cpus=max(math.ceil(needed), os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False)
+    # logical CPUs for every actor the config names, as the trainer does (cpu_demo's engine takes both cores)
+    ray_init(config)
     generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
                                        num_gpus=config.rollout.gpus_per_generator).remote(
         config.model.model_copy(update={"path": path}), config.rollout, config.prompts, config.run.seed)
