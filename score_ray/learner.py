@@ -217,7 +217,11 @@ class LearnerWorker:
         self.engine.train()
         sums = dict.fromkeys(SUMMED_STATS, 0.0)
         scale = self.world_size * count / max(1, total_tokens)
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
+            # The step lands after the LAST micro-batch. DeepSpeed's own boundary counts micro-steps since
+            # the engine started, so once the count changed between steps it fell mid-batch: half a
+            # batch stepped, the rest leaked into the next step, reported as a skipped step.
+            self.engine.set_gradient_accumulation_boundary(index == count - 1)
             if batch:
                 ids, attention, fields = collate(batch, self.pad_id)
             else:  # an empty micro-batch still joins the forward (ZeRO-3 gathers parameters in it)
@@ -230,7 +234,7 @@ class LearnerWorker:
                 select[0, 0] = True  # keep the forward (ZeRO-3 gathers happen in it); its loss weight is 0
             # Only trained tokens go through the LM head; the fields are flattened the same way.
             logp, entropy = selected_token_logprobs(
-                self.engine.module, ids.to(device), attention.to(device), select.to(device), with_entropy=True,
+                self.engine, ids.to(device), attention.to(device), select.to(device), with_entropy=True,
                 temperature=self.temperature,
             )
             fields = {k: v[select].to(device) for k, v in fields.items()}
@@ -248,7 +252,7 @@ class LearnerWorker:
                 importance_cap=self.algo.importance_cap if off_policy else None,
             )
             self.engine.backward(loss_sum * scale)
-            self.engine.step()
+            self.engine.step()  # a no-op but for the micro-step count until the boundary
             sums["loss"] += float(loss_sum.detach())
             for key in ("pg", "kl", "clipped"):
                 sums[key] += stats[key]

@@ -56,8 +56,13 @@ def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
 
     The LM head over a 49k-token vocabulary costs more than the transformer body for small models;
     prompts need no log-probs, so the head runs on the trained positions only.
+
+    ``model`` may be a DeepSpeed engine: the forward then goes through the engine, whose bookkeeping
+    (ZeRO-3 counts micro-steps there to accumulate gradients) a direct call of the module would skip.
+    The model's own head runs on one position only; the last hidden state is the normed one.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+                   logits_to_keep=1).hidden_states[-1]
     chosen = select.bool()
     logits = model.get_output_embeddings()(hidden[:, :-1][chosen]).float() / temperature
     targets = input_ids[:, 1:][chosen]

@@ -134,6 +134,33 @@ def test_learner_ranks_hold_identical_weights(stack):
     assert np.allclose(per_rank[0], per_rank[1], atol=1e-6)
 
 
+def test_a_step_is_the_same_however_the_batch_is_cut_into_micro_batches_and_counts_that_change(stack, tmp_path):
+    """Each step is one optimiser step over the whole batch, whatever the micro-batch count, even when it
+    changes between steps (DeepSpeed's own boundary counts micro-steps since the engine started)."""
+    import ray
+
+    config, generator, reference, group = stack
+    episodes = generate(generator, problems(config, 3), 2)  # 6 samples: up to 3 micro-batches per rank
+    refs = ray.get(reference.sequence_logprobs.remote([e.sequence for e in episodes]))
+    batch = [sample_for(e, r, 1.0) for e, r in zip(episodes, refs)]
+    longest = max(len(s.input_ids) for s in batch)
+    group.save_checkpoint(str(tmp_path), "start")
+    whole, cut = group.max_tokens, {1: 10**6, 2: 2 * longest, 3: longest}
+    try:
+        group.max_tokens = cut[1]
+        in_one = group.train_step(batch)
+        for count in (3, 2, 3, 1, 2):  # from the same weights each time
+            group.load_checkpoint(str(tmp_path), "start")
+            group.max_tokens = cut[count]
+            stats = group.train_step(batch)
+            assert stats["micro_batches"] == count and stats["applied"] == 1.0, (count, stats)
+            # The gradient stepped on is the whole batch's: its norm and the loss are those of one micro-batch.
+            assert stats["grad_norm"] == pytest.approx(in_one["grad_norm"], rel=1e-4), count
+            assert stats["loss"] == pytest.approx(in_one["loss"], rel=1e-5), count
+    finally:
+        group.max_tokens = whole
+
+
 def test_a_non_finite_step_is_skipped_counted_and_the_last_good_state_checkpointed(stack, tmp_path):
     """NaN advantages make a NaN loss and gradient: DeepSpeed drops the step (weights and Adam state kept),
     the trainer counts it, and the limit in a row checkpoints the last good weights and stops."""
