@@ -63,7 +63,7 @@ class ActorGroup:
         self.reference = self._start_reference()
         self.pool = RewardPool.from_config(config.reward, restart_wait_s=max(60.0, config.cluster.resource_timeout_s))
         self.learner = self._start_learner()
-        ready = [g.ready.remote() for g in self.generators] + [self.reference.ready.remote()]
+        ready = [g.ready.remote() for g in self.generators] + [r.ready.remote() for r in self._references()]
         done, pending = ray.wait(ready, num_returns=len(ready), timeout=max(600.0, config.cluster.resource_timeout_s))
         if pending:
             raise RuntimeError("generators or the reference did not start in time; check the cluster's free resources")
@@ -84,9 +84,12 @@ class ActorGroup:
 
     # ------------------------------------------------------------------ placement
     def _start_reference(self):
+        """The frozen reference's actor; None when the learner ranks serve it (learner.share_trunk)."""
         from score_ray.learner import ReferenceActor
 
         learner = self.config.learner
+        if learner.shares_trunk:
+            return None
         return ReferenceActor.options(num_cpus=learner.cpus_per_rank, num_gpus=reference_gpus(self.config),
                                       resources=dict(learner.resources)).remote(self.config.model, learner.cpus_per_rank)
 
@@ -110,7 +113,8 @@ class ActorGroup:
             "iteration": iteration,
             "reason": reason,
             "learner_ranks": self.learner.nodes,
-            "reference": gather([self.reference.ready.remote()], "reference")[0],
+            "reference": (gather([self.reference.ready.remote()], "reference")[0] if self.reference is not None
+                          else "the learner ranks (learner.share_trunk)"),
             "generators": [self._node_of(g) for g in self.generators],
             "reward_actors": self.pool.nodes(),
         }
@@ -140,18 +144,19 @@ class ActorGroup:
         import ray
 
         self.learner.shutdown()
-        try:
-            ray.get(self.reference.ready.remote(), timeout=30)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            kill_actors([self.reference])
-            self.reference = self._start_reference()
+        if self.reference is not None:
+            try:
+                ray.get(self.reference.ready.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                kill_actors([self.reference])
+                self.reference = self._start_reference()
         try:
             self.learner = self._start_learner()
         except RuntimeError as err:  # LearnerGroup could not place its ranks in time
             raise PlacementTimeout(str(err)) from err
         wait = max(60.0, self.config.cluster.resource_timeout_s)
         try:
-            ray.get(self.reference.ready.remote(), timeout=wait)
+            ray.get([r.ready.remote() for r in self._references()], timeout=wait)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as err:
             raise PlacementTimeout(f"the reference was not placed again within {wait:g}s ({type(err).__name__})") from err
         self.weights.rebind(self.learner)
@@ -225,10 +230,15 @@ class ActorGroup:
               "redoing its problems", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ the reference
+    def _references(self) -> list:
+        return [] if self.reference is None else [self.reference]
+
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]]) -> tuple[list[list[float]], float]:
         """(the frozen reference's log-probs at the ``select``-ed positions, its compute seconds)."""
         from score_ray.learner import gather
 
+        if self.reference is None:  # the learner ranks serve it from their shared trunk
+            return self.learner.reference_logprobs(sequences, select, self.config.rollout.temperature)
         result = gather([self.reference.sequence_logprobs.remote(sequences, select, self.config.rollout.temperature)],
                         "reference")[0]
         return result, gather([self.reference.last_call_seconds.remote()], "reference")[0]
@@ -236,4 +246,4 @@ class ActorGroup:
     def shutdown(self) -> None:
         self.pool.shutdown()
         self.learner.shutdown()
-        kill_actors(self.generators + [self.reference])
+        kill_actors(self.generators + self._references())

@@ -345,6 +345,11 @@ class LearnerConfig(_Strict):
     gradient_checkpointing: bool = False
     trainable: Literal["all", "top_layers"] = "all"
     trainable_top_layers: int = Field(2, ge=1)
+    share_trunk: bool = Field(
+        True, description="trainable=top_layers with ZeRO-2: the learner ranks also compute the reference's "
+        "log-probs, from one pass through the frozen blocks both share (no reference actor); false: a "
+        "reference actor computes them from the whole model"
+    )
     cpus_per_rank: float = Field(1.0, gt=0.0)
     gpus_per_rank: float = Field(
         0.0, ge=0.0, le=1.0, description="0 on CPU; on GPU above 0.5 (two ranks must never share a GPU: NCCL "
@@ -368,6 +373,12 @@ class LearnerConfig(_Strict):
         256, ge=16, description="NCCL weight sync: size of each of vLLM's 2 packed transfer buffers; taken out of "
         "rollout.gpu_memory_utilization on every engine"
     )
+
+    @property
+    def shares_trunk(self) -> bool:
+        """The ranks serve the reference (learner.share_trunk): only where the frozen blocks are whole on every
+        rank, i.e. not partitioned by ZeRO-3."""
+        return self.share_trunk and self.trainable == "top_layers" and self.zero_stage == 2
 
     @field_validator("gpus_per_rank")
     @classmethod

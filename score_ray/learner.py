@@ -20,6 +20,7 @@ group and reloads the last whole checkpoint (with NCCL weight sync it stops inst
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -33,7 +34,8 @@ from score_ray.placement import kill_actors
 from score_ray.samples import POSITION_FIELDS, LearnerSample
 
 # What a training step sums over micro-batches and ranks (the trainer divides by "tokens").
-SUMMED_STATS = ("loss", "pg", "kl", "clipped", "entropy", "tokens")
+# trunk_batches / filled_batches: micro-batches that ran the top blocks alone on a kept trunk, of those with samples.
+SUMMED_STATS = ("loss", "pg", "kl", "clipped", "entropy", "tokens", "trunk_batches", "filled_batches")
 
 
 def no_step() -> dict[str, float]:
@@ -178,7 +180,17 @@ class LearnerWorker:
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=learner.lr, weight_decay=learner.weight_decay
         )
+        # The reference's copies of the blocks above the cut (and the final norm), taken from the base weights
+        # before any checkpoint loads: the blocks below are frozen, so the base model is these on the trunk.
+        self.cut, self.reference_top, self.trunk_cache = None, None, {}
+        if learner.shares_trunk:
+            decoder = model.get_decoder()
+            self.cut = max(0, len(decoder.layers) - learner.trainable_top_layers)
+            self.reference_top = (copy.deepcopy(decoder.layers[self.cut:]).requires_grad_(False).eval(),
+                                  copy.deepcopy(decoder.norm).requires_grad_(False).eval())
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        if self.reference_top is not None:
+            self.reference_top = tuple(part.to(self.engine.device) for part in self.reference_top)
         return {**this_node(), "rank": self.rank, "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     # ------------------------------------------------------------------ training
@@ -209,8 +221,6 @@ class LearnerWorker:
     def _train_step(self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool) -> dict[str, float]:
         import torch
 
-        from score_ray.modeling import selected_token_logprobs
-
         start = time.monotonic()
         count = len(micro_batches)
         self.engine.set_train_batch_size(count * self.world_size)  # gradient accumulation = count
@@ -233,10 +243,10 @@ class LearnerWorker:
             if not bool(select.any()):
                 select[0, 0] = True  # keep the forward (ZeRO-3 gathers happen in it); its loss weight is 0
             # Only trained tokens go through the LM head; the fields are flattened the same way.
-            logp, entropy = selected_token_logprobs(
-                self.engine, ids.to(device), attention.to(device), select.to(device), with_entropy=True,
-                temperature=self.temperature,
-            )
+            logp, entropy, from_trunk = self._policy_logprobs(batch, ids.to(device), attention.to(device),
+                                                              select.to(device))
+            sums["trunk_batches"] += float(from_trunk)
+            sums["filled_batches"] += float(bool(batch))
             fields = {k: v[select].to(device) for k, v in fields.items()}
             loss_sum, stats = algo.token_loss(
                 logp,
@@ -263,7 +273,51 @@ class LearnerWorker:
         sums["applied"] = float(self.engine.was_step_applied())
         return sums
 
+    def _policy_logprobs(self, batch: list[LearnerSample], ids, attention, select):
+        """(the policy's log-probs with gradient, entropies, whether they came from a kept trunk) at ``select``:
+        from the trunk this rank kept for the batch's sequences in ``reference_logprobs`` (the top blocks
+        alone), else the whole model."""
+        import torch
+
+        from score_ray.modeling import selected_token_logprobs, top_logprobs
+
+        kept = [self.trunk_cache.get(tuple(sample.input_ids)) for sample in batch]
+        if not batch or any(trunk is None for trunk in kept):
+            return (*selected_token_logprobs(self.engine, ids, attention, select, with_entropy=True,
+                                             temperature=self.temperature), False)
+        trunk = torch.zeros((*ids.shape, kept[0].shape[-1]), dtype=kept[0].dtype, device=ids.device)
+        for row, hidden in enumerate(kept):
+            trunk[row, : hidden.shape[0]] = hidden
+        decoder = self.engine.module.get_decoder()
+        return (*top_logprobs(self.engine, trunk, ids, attention, select, decoder.layers[self.cut:], decoder.norm,
+                              with_entropy=True, temperature=self.temperature), True)
+
     # ------------------------------------------------------------------ log-probs and weights
+    def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
+                           temperature: float = 1.0) -> tuple[list[list[float]], float]:
+        """(the base model's log-probs at the ``select``-ed positions, compute seconds), from one pass through
+        the frozen trunk and the reference's copies of the top blocks (learner.share_trunk). The trunk's
+        hidden states are kept for this rank's next ``train_step``, which then runs the top blocks only."""
+        import torch
+
+        from score_ray.modeling import sequence_logprobs, top_logprobs, trunk_hidden
+
+        start = time.monotonic()
+        self.engine.eval()
+        module, (layers, norm) = self.engine.module, self.reference_top
+        self.trunk_cache = {}
+
+        def score_batch(ids, mask, flags, batch):
+            trunk = trunk_hidden(module, ids, mask, self.cut)
+            for row, index in enumerate(batch):
+                self.trunk_cache[tuple(sequences[index])] = trunk[row, : len(sequences[index])]
+            return top_logprobs(module, trunk, ids, mask, flags, layers, norm, temperature=temperature)[0]
+
+        with torch.no_grad():
+            result = sequence_logprobs(module, sequences, self.pad_id, max_tokens=self.learner.micro_batch_tokens,
+                                       select=select, temperature=temperature, score_batch=score_batch)
+        return result, time.monotonic() - start
+
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         from score_ray.modeling import sequence_logprobs
 
@@ -386,18 +440,25 @@ class ReferenceActor:
         return getattr(self, "last_seconds", 0.0)
 
 
+def deal_to_ranks(lengths: Sequence[int], ranks: int) -> list[list[int]]:
+    """Indices per rank, balanced by tokens: longest first to the least-loaded rank. The reference pass and
+    the train step deal the same sequences alike, so each rank finds its trunk kept (learner.share_trunk)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    loads = [0] * ranks
+    for index in order:
+        target = loads.index(min(loads))
+        shares[target].append(index)
+        loads[target] += lengths[index]
+    return shares
+
+
 def split_micro_batches(samples: Sequence[LearnerSample], ranks: int, max_tokens: int) -> list[list[list[LearnerSample]]]:
     """Deal samples to ranks (balanced by tokens), then cut each rank's share into token-bounded
     micro-batches, padding every rank to the same micro-batch count."""
     from score_ray.modeling import token_budget_batches
 
-    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
-    shares: list[list[LearnerSample]] = [[] for _ in range(ranks)]
-    loads = [0] * ranks
-    for index in order:  # longest first to the least-loaded rank
-        target = loads.index(min(loads))
-        shares[target].append(samples[index])
-        loads[target] += len(samples[index].input_ids)
+    shares = [[samples[i] for i in share] for share in deal_to_ranks([len(s.input_ids) for s in samples], ranks)]
     per_rank = []
     for share in shares:
         lengths = [len(s.input_ids) for s in share]
@@ -472,6 +533,20 @@ class LearnerGroup:
 
     def send_nccl(self) -> None:
         gather([w.nccl_send.remote() for w in self.workers])
+
+    def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
+                           temperature: float = 1.0) -> tuple[list[list[float]], float]:
+        """The reference's log-probs from the ranks' shared trunk (learner.share_trunk), each rank scoring the
+        share it will train on; (log-probs in the order given, the slowest rank's compute seconds)."""
+        shares = deal_to_ranks([len(s) for s in sequences], len(self.workers))
+        results = gather([worker.reference_logprobs.remote([sequences[i] for i in share], [select[i] for i in share],
+                                                           temperature)
+                          for worker, share in zip(self.workers, shares)])
+        merged: list[list[float]] = [[] for _ in sequences]
+        for share, (logps, _) in zip(shares, results):
+            for index, logp in zip(share, logps):
+                merged[index] = logp
+        return merged, max(seconds for _, seconds in results)
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         # Every rank must join a ZeRO-3 forward; rank 0's answer is kept.

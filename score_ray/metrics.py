@@ -56,6 +56,8 @@ PERF = {
     "perf/reference_compute_seconds": "seconds the reference spent on log-probs",
     "perf/learner_compute_seconds": "seconds the slowest learner rank spent in its step",
     "perf/learner_micro_batches": "micro-batches per learner rank",
+    "perf/learner_trunk_reused": "fraction of the step's micro-batches that ran only the top blocks, on the trunk "
+                                 "the reference pass kept (learner.share_trunk); 0 without it",
     "perf/sync_compute_seconds": "seconds of the weight sync spent building and loading weights",
     "perf/sync_load_seconds": "seconds the slowest generator spent loading the weights (object store sync)",
     "perf/sync_mb": "megabytes of weights sent to each generator (object store sync)",
@@ -151,6 +153,7 @@ def iteration_metrics(stage: int, episodes: Sequence[Episode], ref_logps: Sequen
         "train/grader_errors": statuses.count("error") / len(statuses),
         "train/grader_alarm": 1.0 if alarm else 0.0,
         "perf/learner_micro_batches": step["micro_batches"],
+        "perf/learner_trunk_reused": step["trunk_batches"] / max(1.0, step["filled_batches"]),
         "perf/generated_tokens": float(sum(len(e.y1) + len(e.y2) for e in episodes)),
     }
 

@@ -10,7 +10,8 @@ not zero at step 0, a PPO ratio that is not 1 on-policy).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -63,6 +64,12 @@ def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
     """
     hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
                    logits_to_keep=1).hidden_states[-1]
+    return head_logprobs(model, hidden, input_ids, select, with_entropy, temperature)
+
+
+def head_logprobs(model, hidden: torch.Tensor, input_ids: torch.Tensor, select: torch.Tensor,
+                  with_entropy: bool = False, temperature: float = 1.0):
+    """The LM head at the ``select``-ed positions of the final (normed) hidden states [B, T, H]."""
     chosen = select.bool()
     logits = model.get_output_embeddings()(hidden[:, :-1][chosen]).float() / temperature
     targets = input_ids[:, 1:][chosen]
@@ -74,6 +81,45 @@ def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
         log_probs = logits - normaliser.unsqueeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
     return taken, entropy
+
+
+# ---------------------------------------------------------------- a decoder split at a layer
+# With trainable=top_layers the policy and the frozen reference share every block below the cut (and the
+# embedding): one pass through that trunk serves both, and only the blocks above it run twice
+# (score_ray.learner, learner.share_trunk). The split runs the model's own forward with other blocks in
+# place, so masks and rotary positions are built exactly as in the whole pass (a test checks the two
+# agree); it relies on the decoder keeping its blocks in ``layers`` and its final norm in ``norm``
+# (Llama, Qwen2, SmolLM2 in transformers 5.x).
+
+
+@contextmanager
+def decoder_blocks(model, layers: torch.nn.ModuleList, norm: torch.nn.Module):
+    """The model's decoder runs ``layers`` and ends with ``norm`` inside the block."""
+    decoder = model.get_decoder()
+    saved = decoder.layers, decoder.norm
+    decoder.layers, decoder.norm = layers, norm
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = saved
+
+
+def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> torch.Tensor:
+    """[B, T, H] hidden states entering block ``cut`` (the embedding and blocks below it; no final norm)."""
+    decoder = model.get_decoder()
+    with decoder_blocks(model, decoder.layers[:cut], torch.nn.Identity()):
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def top_logprobs(model, trunk: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 select: torch.Tensor, layers: torch.nn.ModuleList, norm: torch.nn.Module,
+                 with_entropy: bool = False, temperature: float = 1.0):
+    """``selected_token_logprobs`` from the trunk's hidden states through ``layers`` and ``norm`` (the model's
+    own top blocks, or the reference's copies of them). ``model`` may be a DeepSpeed engine (see above)."""
+    with decoder_blocks(model, layers, norm):
+        hidden = model(inputs_embeds=trunk, attention_mask=attention_mask, use_cache=False,
+                       output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    return head_logprobs(model, hidden, input_ids, select, with_entropy, temperature)
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> Iterator[list[int]]:
@@ -98,10 +144,13 @@ def sequence_logprobs(
     max_tokens: int = 8192,
     select: Optional[Sequence[Sequence[float]]] = None,
     temperature: float = 1.0,
+    score_batch: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int]], torch.Tensor]] = None,
 ) -> list[list[float]]:
     """Per-sequence lists of next-token log-probs (len n - 1), computed in token-bounded batches.
 
     With ``select`` (per sequence, n - 1 flags) only flagged positions are computed; the others are 0.
+    ``score_batch(ids, mask, flags, batch)`` computes them for one padded batch (``batch``: the sequences'
+    indices) in place of the whole model's forward (the learner's shared trunk).
     """
     device = next(model.parameters()).device
     result: list[list[float]] = [[] for _ in sequences]
@@ -115,7 +164,10 @@ def sequence_logprobs(
         flags = torch.zeros((len(batch), ids.shape[1] - 1), dtype=torch.bool)
         for row, index in enumerate(batch):
             flags[row, : len(select[index])] = torch.tensor([bool(v) for v in select[index]])
-        chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device), temperature=temperature)
+        if score_batch is None:
+            chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device), temperature=temperature)
+        else:
+            chosen = score_batch(ids, mask, flags.to(device), batch)
         chosen = chosen.tolist()
         cursor = 0
         for row, index in enumerate(batch):

@@ -75,19 +75,25 @@ def reference_gpus(config: Config) -> float:
     return config.learner.gpus_per_rank if share is None else share
 
 
+def reference_actors(config: Config) -> int:
+    """1, or 0 when the learner ranks serve the reference (learner.share_trunk)."""
+    return 0 if config.learner.shares_trunk else 1
+
+
 def resource_needs(config: Config) -> dict[str, float]:
     """What the run's actors ask Ray for, summed."""
     rollout, learner = config.rollout, config.learner
     needs = {
         "GPU": rollout.num_generators * rollout.gpus_per_generator + learner.num_ranks * learner.gpus_per_rank
-        + reference_gpus(config),
-        "CPU": rollout.num_generators * rollout.cpus_per_generator + (learner.num_ranks + 1) * learner.cpus_per_rank
+        + reference_actors(config) * reference_gpus(config),
+        "CPU": rollout.num_generators * rollout.cpus_per_generator
+        + (learner.num_ranks + reference_actors(config)) * learner.cpus_per_rank
         + config.reward.workers * config.reward.cpus_per_worker,
     }
     for name, amount in rollout.resources.items():
         needs[name] = needs.get(name, 0.0) + rollout.num_generators * amount
     for name, amount in learner.resources.items():  # the ranks and the reference
-        needs[name] = needs.get(name, 0.0) + (learner.num_ranks + 1) * amount
+        needs[name] = needs.get(name, 0.0) + (learner.num_ranks + reference_actors(config)) * amount
     return needs
 
 
@@ -109,7 +115,8 @@ def check_resources(config: Config) -> None:
     if needs["CPU"] > total.get("CPU", 0.0):
         raise RuntimeError(
             f"this run needs {needs['CPU']:g} CPUs (rollout.num_generators x rollout.cpus_per_generator + "
-            f"(learner.num_ranks + 1) x learner.cpus_per_rank + reward.workers x reward.cpus_per_worker) but the "
+            f"(learner.num_ranks + the reference unless learner.share_trunk) x learner.cpus_per_rank + reward.workers x "
+            f"reward.cpus_per_worker) but the "
             f"cluster has {total.get('CPU', 0.0):g}; lower those keys or add nodes (SCORE_RAY_AUTOSCALING=1 waits)"
         )
     for name in sorted(set(needs) - {"CPU", "GPU"}):

@@ -45,14 +45,14 @@ def test_every_metric_an_iteration_logs_is_named_in_the_catalogue():
     episodes = [episode([-0.5], [-0.5]), episode([-0.5], [-0.5])]
     refs = [[0.0] * (len(e.sequence) - 1) for e in episodes]
     step = {"loss": 2.0, "pg": 1.0, "kl": 0.5, "clipped": 0.0, "entropy": 1.0, "tokens": 4.0, "grad_norm": 0.3,
-            "applied": 1.0, "micro_batches": 1, "seconds": 0.1}
+            "applied": 1.0, "micro_batches": 1, "seconds": 0.1, "trunk_batches": 3.0, "filled_batches": 4.0}
     graded = [{"status": s} for s in ("correct", "wrong", "timeout", "error")]
     out = iteration_metrics(2, episodes, refs, [0.0, 1.0], [1.0, 1.0], graded, {"reward2": [11.0, 1.0]}, step,
                             off_policy=False, alarm=True, skipped_steps=0)
     assert set(out) <= set(METRICS)
     assert out["train/loss"] == 0.5 and out["train/shaped_reward_t2"] == 6.0
     assert (out["train/grader_timeouts"], out["train/grader_errors"], out["train/grader_alarm"]) == (0.25, 0.25, 1.0)
-    assert out["perf/generated_tokens"] == 4.0
+    assert out["perf/generated_tokens"] == 4.0 and out["perf/learner_trunk_reused"] == 0.75
     timed = {"perf/iteration_seconds": 2.0, "perf/rollout_compute_seconds": 0.5, "perf/learner_compute_seconds": 1.0}
     assert orchestration(timed) == {"perf/orchestration_seconds": 0.5, "perf/orchestration_fraction": 0.25}
     assert set(orchestration(timed)) <= set(METRICS)

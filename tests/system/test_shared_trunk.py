@@ -1,0 +1,75 @@
+"""learner.share_trunk: two ZeRO-2 ranks serve the reference from the frozen trunk they share with the policy."""
+
+import numpy as np
+import pytest
+
+from score_ray.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def group_and_reference(ray_local):
+    import ray
+
+    from score_ray.assets import resolve_model_path
+    from score_ray.learner import LearnerGroup, ReferenceActor
+
+    config = load_config("smoke", ["learner.trainable=top_layers", "learner.trainable_top_layers=1",
+                                   "learner.lr=1e-3", "rollout.temperature=0.7"])
+    assert config.learner.shares_trunk and config.learner.num_ranks == 2
+    resolve_model_path(config.model.path, config.model.tiny.model_dump())
+    reference = ReferenceActor.options(num_cpus=0.5).remote(config.model, 0.5)
+    group = LearnerGroup(config.model, config.learner, config.algo, 0, 120, temperature=0.7)
+    ray.get(reference.ready.remote())
+    yield config, group, reference
+    group.shutdown()
+    ray.kill(reference)
+
+
+def sequences_and_selects(count=6, seed=0):
+    rng = np.random.default_rng(seed)
+    sequences = [rng.integers(3, 200, size=int(rng.integers(12, 40))).tolist() for _ in range(count)]
+    selects = [[0.0] * 5 + [1.0] * (len(s) - 6) for s in sequences]
+    return sequences, selects
+
+
+def samples_for(sequences, selects, refs):
+    from score_ray.samples import LearnerSample
+
+    return [LearnerSample(input_ids=s, loss_mask=m, advantage=[1.0] * len(m), kl_coef=[0.1] * len(m),
+                          old_logp=r, ref_logp=r) for s, m, r in zip(sequences, selects, refs)]
+
+
+def test_the_ranks_reference_log_probs_are_the_reference_actors_before_and_after_the_policy_moves(group_and_reference):
+    import ray
+
+    config, group, reference = group_and_reference
+    sequences, selects = sequences_and_selects()
+    expected = ray.get(reference.sequence_logprobs.remote(sequences, selects, 0.7))
+    for _ in range(2):
+        shared, seconds = group.reference_logprobs(sequences, selects, 0.7)
+        assert seconds > 0
+        for got, want in zip(shared, expected):
+            assert np.allclose(got, want, atol=1e-5)
+        stats = group.train_step(samples_for(sequences, selects, shared))
+        assert stats["applied"] == 1.0 and stats["trunk_batches"] == stats["filled_batches"] > 0
+    # The policy moved away from the reference, so the comparison above could fail.
+    policy = group.sequence_logprobs(sequences, 0.7)
+    start = 5
+    assert max(abs(a - b) for a, b in zip(policy[0][start:], expected[0][start:])) > 1e-2
+
+
+def test_a_step_on_the_kept_trunk_is_the_step_of_the_whole_model(group_and_reference, tmp_path):
+    config, group, reference = group_and_reference
+    sequences, selects = sequences_and_selects(seed=1)
+    group.save_checkpoint(str(tmp_path), "start")
+    refs, _ = group.reference_logprobs(sequences, selects, 0.7)
+    on_trunk = group.train_step(samples_for(sequences, selects, refs))
+    assert on_trunk["trunk_batches"] == on_trunk["filled_batches"] > 0  # every micro-batch found its trunk
+    group.load_checkpoint(str(tmp_path), "start")
+    whole = group.train_step(samples_for(sequences, selects, refs))  # nothing kept: the whole forward
+    assert whole["trunk_batches"] == 0
+    assert on_trunk["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    assert on_trunk["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert on_trunk["kl"] == pytest.approx(whole["kl"], rel=1e-5, abs=1e-9)

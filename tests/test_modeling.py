@@ -1,0 +1,73 @@
+"""The decoder split at a layer (learner.share_trunk) computes what the whole model computes."""
+
+import copy
+
+import pytest
+import torch
+
+from score_ray.modeling import selected_token_logprobs, top_logprobs, trunk_hidden
+
+
+@pytest.fixture
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def batch():
+    """Two right-padded rows, log-probs wanted at some positions of each."""
+    ids = torch.randint(1, 64, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    select = torch.zeros((2, 11), dtype=torch.bool)
+    select[0, 4:] = True
+    select[1, 3:7] = True
+    return ids, mask, select
+
+
+@pytest.mark.parametrize("cut", [0, 1, 3])
+def test_trunk_then_top_blocks_equals_the_whole_forward(model, cut):
+    ids, mask, select = batch()
+    whole, _ = selected_token_logprobs(model, ids, mask, select)
+    decoder = model.get_decoder()
+    split, _ = top_logprobs(model, trunk_hidden(model, ids, mask, cut), ids, mask, select, decoder.layers[cut:],
+                            decoder.norm)
+    assert whole.shape == (int(select.sum()),)
+    assert torch.allclose(split, whole, atol=1e-6), (split - whole).abs().max()
+    assert len(decoder.layers) == 4  # the model's own blocks are back in place
+
+
+def test_the_references_copied_top_blocks_score_as_the_base_model_after_the_policy_moved(model):
+    ids, mask, select = batch()
+    base = copy.deepcopy(model)
+    decoder = model.get_decoder()
+    reference_top = copy.deepcopy(decoder.layers[2:]), copy.deepcopy(decoder.norm)
+    with torch.no_grad():  # the policy's top blocks move; the trunk (blocks 0-1, embedding) is shared
+        for param in decoder.layers[2:].parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    trunk = trunk_hidden(model, ids, mask, 2)
+    reference, _ = top_logprobs(model, trunk, ids, mask, select, *reference_top)
+    policy, _ = top_logprobs(model, trunk, ids, mask, select, decoder.layers[2:], decoder.norm)
+    expected, _ = selected_token_logprobs(base, ids, mask, select)
+    assert torch.allclose(reference, expected, atol=1e-6)
+    assert (policy - expected).abs().max() > 1e-2  # the policy really differs, so the check above can fail
+    moved, _ = selected_token_logprobs(model, ids, mask, select)
+    assert torch.allclose(policy, moved, atol=1e-6)
+
+
+def test_gradients_through_the_top_blocks_match_the_whole_forward(model):
+    ids, mask, select = batch()
+    decoder = model.get_decoder()
+    trained = [p for p in decoder.layers[2:].parameters()] + [decoder.norm.weight]
+    whole, _ = selected_token_logprobs(model, ids, mask, select)
+    expected = torch.autograd.grad(whole.sum(), trained)
+    with torch.no_grad():
+        trunk = trunk_hidden(model, ids, mask, 2)
+    split, _ = top_logprobs(model, trunk, ids, mask, select, decoder.layers[2:], decoder.norm)
+    got = torch.autograd.grad(split.sum(), trained)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-6)
