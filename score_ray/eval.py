@@ -42,7 +42,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="evaluate the config's TRAINING problems: probes for choosing settings (the held-out "
                              "split is for final numbers only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may follow the options too
 
     target = Path(args.model)
     config_file = args.config

@@ -31,7 +31,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="YAML config (default: configs/cpu_demo.yaml)")
     parser.add_argument("--check", action="store_true", help="validate the config and run the preflight, then stop")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value may follow the options too
 
 
 def run_dir_for(config: Config) -> Path:

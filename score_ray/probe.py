@@ -47,7 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--samples", type=int, default=4, help="sampled two-turn episodes per problem")
     parser.add_argument("--output", type=Path, default=None, help="write the numbers as JSON here")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may follow the options too
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -149,3 +149,10 @@ def test_a_data_file_of_malformed_rows_is_refused_naming_the_file(tmp_path):
                         f"data.train={{type: file, path: {data}, preset: gsm8k}}", timeout=120)
     assert result.returncode == 3, result.stdout + result.stderr
     assert str(data) in result.stderr and "answer" in result.stderr
+
+
+def test_overrides_may_come_before_and_after_the_options():
+    from score_ray.launch import parse_args
+
+    args = parse_args(["a.b=1", "--config", "configs/smoke.yaml", "c.d=2"])
+    assert args.config == "configs/smoke.yaml" and args.overrides == ["a.b=1", "c.d=2"]
