@@ -5,8 +5,8 @@ iterations, once with `learner.share_trunk=false` (a reference actor scores the 
 with `true` (the learner ranks score the reference from one pass through the frozen trunk and train the
 top blocks on it), alternating for each repeat, and reports medians over the iterations after the first:
 
-    python bench/episodes_per_minute.py                                   # configs/studies/cpu_study_r2.yaml
-    python bench/episodes_per_minute.py --study configs/studies/cpu_study.yaml --iterations 6 --repeats 2
+    python bench/episodes_per_minute.py                                   # configs/studies/cpu_study.yaml
+    python bench/episodes_per_minute.py --study configs/studies/cpu_study_r1.yaml --iterations 6 --repeats 2
 
 Episodes per minute = episodes per iteration / median iteration seconds * 60. Writes
 bench/results/episodes_per_minute.json.
@@ -24,12 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from iteration import PHASES, breakdown, run  # noqa: E402 - the same runner and phase table
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_settings(iterations: int) -> list[str]:
+    """A run of ``iterations`` with no evals but the final one, cut to one problem, and no checkpoints."""
+    return ["algo.schedule.stage1_iterations=1", f"algo.schedule.stage2_iterations={iterations - 1}",
+            "algo.schedule.rounds=1", "eval.every=0", "eval.at_start=false", "eval.max_problems=1",
+            "checkpoint.every=0"]
+
+
 VARIANTS = {"whole model + reference actor": ["learner.share_trunk=false"], "shared trunk": ["learner.share_trunk=true"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", default="configs/studies/cpu_study_r2.yaml")
+    parser.add_argument("--study", default="configs/studies/cpu_study.yaml")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
@@ -43,7 +52,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for repeat in range(args.repeats):
         for name, extra in VARIANTS.items():
-            rows = run(spec.config, args.iterations, [*spec.overrides, *extra])
+            # The bench's schedule and settings last: they win over the study's (later overrides win).
+            rows = run(spec.config, args.iterations, [*spec.overrides, *bench_settings(args.iterations), *extra])
             results[name].append({"breakdown": breakdown(rows), "trunk_reused": [r.get("perf/learner_trunk_reused")
                                                                                 for r in rows]})
     summary = {}

@@ -114,7 +114,7 @@ class ActorGroup:
             "reason": reason,
             "learner_ranks": self.learner.nodes,
             "reference": (gather([self.reference.ready.remote()], "reference")[0] if self.reference is not None
-                          else "the learner ranks (learner.share_trunk)"),
+                          else {**self.learner.nodes[0], "served_by": "learner ranks (learner.share_trunk)"}),
             "generators": [self._node_of(g) for g in self.generators],
             "reward_actors": self.pool.nodes(),
         }

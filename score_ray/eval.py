@@ -77,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         pool.shutdown()
         ray.kill(generator)
         ray.shutdown()
-    print(format_table({Path(path).name[:14]: metrics}))
+    print(format_table({Path(path).name[:14]: metrics}, "training" if args.on_train else "held-out"))
     if args.records:
         write_eval_records(args.records, episodes)
     if args.output:

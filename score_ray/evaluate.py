@@ -41,15 +41,15 @@ def self_correction_metrics(r1: Sequence[float], r2: Sequence[float]) -> dict[st
     return metrics
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """A paper-style table: one row per model, percentages with +- standard errors."""
+def format_table(rows: dict[str, dict[str, float]], problems: str = "held-out") -> str:
+    """A paper-style table: one row per model, percentages with +- standard errors (``problems``: which split)."""
     header = f"{'model':<14}" + "".join(f"{LABELS[k]:>18}" for k in EVAL_KEYS)
     lines = [header, "-" * len(header)]
     for name, metrics in rows.items():
         cells = "".join(f"{100 * metrics[k]:>10.1f} +-{100 * metrics[k + '_se']:4.1f}" for k in EVAL_KEYS)
         lines.append(f"{name:<14}{cells}")
     n = next(iter(rows.values()))["n"] if rows else 0
-    lines.append(f"(percent of {int(n)} held-out problems, greedy; +- one standard error)")
+    lines.append(f"(percent of {int(n)} {problems} problems, greedy; +- one standard error)")
     return "\n".join(lines)
 
 

@@ -184,6 +184,9 @@ class LearnerWorker:
         # before any checkpoint loads: the blocks below are frozen, so the base model is these on the trunk.
         self.cut, self.reference_top, self.trunk_cache = None, None, {}
         if learner.shares_trunk:
+            from score_ray.modeling import check_splittable
+
+            check_splittable(model)
             decoder = model.get_decoder()
             self.cut = max(0, len(decoder.layers) - learner.trainable_top_layers)
             self.reference_top = (copy.deepcopy(decoder.layers[self.cut:]).requires_grad_(False).eval(),
@@ -297,7 +300,8 @@ class LearnerWorker:
                            temperature: float = 1.0) -> tuple[list[list[float]], float]:
         """(the base model's log-probs at the ``select``-ed positions, compute seconds), from one pass through
         the frozen trunk and the reference's copies of the top blocks (learner.share_trunk). The trunk's
-        hidden states are kept for this rank's next ``train_step``, which then runs the top blocks only."""
+        hidden states are kept until the next call (every pass of the iteration's step can use them), and
+        ``train_step`` then runs the top blocks only."""
         import torch
 
         from score_ray.modeling import sequence_logprobs, top_logprobs, trunk_hidden
@@ -310,7 +314,7 @@ class LearnerWorker:
         def score_batch(ids, mask, flags, batch):
             trunk = trunk_hidden(module, ids, mask, self.cut)
             for row, index in enumerate(batch):
-                self.trunk_cache[tuple(sequences[index])] = trunk[row, : len(sequences[index])]
+                self.trunk_cache[tuple(sequences[index])] = trunk[row, : len(sequences[index])].clone()
             return top_logprobs(module, trunk, ids, mask, flags, layers, norm, temperature=temperature)[0]
 
         with torch.no_grad():
@@ -396,6 +400,7 @@ class LearnerWorker:
         self.engine.save_checkpoint(folder, tag=tag)
 
     def load_checkpoint(self, folder: str, tag: str) -> None:
+        self.trunk_cache = {}  # still right (the trunk is frozen), but a reload starts from nothing kept
         path, _ = self.engine.load_checkpoint(folder, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {folder}")

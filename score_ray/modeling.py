@@ -60,11 +60,21 @@ def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
 
     ``model`` may be a DeepSpeed engine: the forward then goes through the engine, whose bookkeeping
     (ZeRO-3 counts micro-steps there to accumulate gradients) a direct call of the module would skip.
-    The model's own head runs on one position only; the last hidden state is the normed one.
     """
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
-                   logits_to_keep=1).hidden_states[-1]
+    hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask)
     return head_logprobs(model, hidden, input_ids, select, with_entropy, temperature)
+
+
+def final_hidden(model, **inputs) -> torch.Tensor:
+    """The decoder's normed last hidden states [B, T, H] from the model's own forward (an engine's forward
+    when ``model`` is one), caught at the final norm; the model's head runs on one position only."""
+    caught: list[torch.Tensor] = []
+    handle = model.get_decoder().norm.register_forward_hook(lambda module, args, output: caught.append(output))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return caught[-1]
 
 
 def head_logprobs(model, hidden: torch.Tensor, input_ids: torch.Tensor, select: torch.Tensor,
@@ -88,8 +98,21 @@ def head_logprobs(model, hidden: torch.Tensor, input_ids: torch.Tensor, select: 
 # embedding): one pass through that trunk serves both, and only the blocks above it run twice
 # (score_ray.learner, learner.share_trunk). The split runs the model's own forward with other blocks in
 # place, so masks and rotary positions are built exactly as in the whole pass (a test checks the two
-# agree); it relies on the decoder keeping its blocks in ``layers`` and its final norm in ``norm``
-# (Llama, Qwen2, SmolLM2 in transformers 5.x).
+# agree); it relies on the decoder keeping its blocks in ``layers`` and its final norm in ``norm``, on
+# embeddings passed in unscaled, and on one attention mask for every block (``check_splittable``).
+SPLITTABLE_MODEL_TYPES = ("llama", "qwen2")  # SmolLM2 is a llama; Gemma scales embeddings, so it is not
+
+
+def check_splittable(model) -> None:
+    """Refuse, naming the setting, a model whose decoder the split would compute wrongly."""
+    config = model.config
+    kinds = set(getattr(config, "layer_types", None) or ["one"])
+    if config.model_type not in SPLITTABLE_MODEL_TYPES or len(kinds) > 1:
+        raise ValueError(
+            f"learner.share_trunk: a {config.model_type} model with attention kinds {sorted(kinds)} cannot be split "
+            f"at a layer (supported: {', '.join(SPLITTABLE_MODEL_TYPES)} with one attention kind); set "
+            "learner.share_trunk=false to score the reference with a reference actor"
+        )
 
 
 @contextmanager
@@ -117,8 +140,7 @@ def top_logprobs(model, trunk: torch.Tensor, input_ids: torch.Tensor, attention_
     """``selected_token_logprobs`` from the trunk's hidden states through ``layers`` and ``norm`` (the model's
     own top blocks, or the reference's copies of them). ``model`` may be a DeepSpeed engine (see above)."""
     with decoder_blocks(model, layers, norm):
-        hidden = model(inputs_embeds=trunk, attention_mask=attention_mask, use_cache=False,
-                       output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        hidden = final_hidden(model, inputs_embeds=trunk, attention_mask=attention_mask)
     return head_logprobs(model, hidden, input_ids, select, with_entropy, temperature)
 
 

@@ -108,7 +108,8 @@ def check_resources(config: Config) -> None:
     if needs["GPU"] > total.get("GPU", 0.0):
         raise RuntimeError(
             f"this run needs {needs['GPU']:g} GPUs (rollout.num_generators x rollout.gpus_per_generator + "
-            f"learner.num_ranks x learner.gpus_per_rank + learner.reference_gpus) but the cluster has "
+            f"learner.num_ranks x learner.gpus_per_rank + learner.reference_gpus unless learner.share_trunk) but the "
+            f"cluster has "
             f"{total.get('GPU', 0.0):g}; "
             "on an autoscaling cluster set SCORE_RAY_AUTOSCALING=1 to wait for nodes instead"
         )

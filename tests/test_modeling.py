@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from score_ray.modeling import selected_token_logprobs, top_logprobs, trunk_hidden
+from score_ray.modeling import check_splittable, selected_token_logprobs, top_logprobs, trunk_hidden
 
 
 @pytest.fixture
@@ -71,3 +71,14 @@ def test_gradients_through_the_top_blocks_match_the_whole_forward(model):
     got = torch.autograd.grad(split.sum(), trained)
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_model_the_split_would_compute_wrongly_is_refused_naming_the_setting(model):
+    check_splittable(model)  # llama, one attention kind
+    model.config.layer_types = ["full_attention", "sliding_attention", "full_attention", "full_attention"]
+    with pytest.raises(ValueError, match="learner.share_trunk=false"):
+        check_splittable(model)
+    model.config.layer_types = None
+    model.config.model_type = "gemma2"
+    with pytest.raises(ValueError, match="gemma2"):
+        check_splittable(model)

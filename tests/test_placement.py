@@ -17,6 +17,18 @@ def test_resource_needs_sum_every_actor_by_hand():
     assert reference_gpus(load_config("smoke", ["learner.gpus_per_rank=1"])) == 1  # default: a rank's share
 
 
+def test_a_shared_trunk_places_no_reference_and_zero3_keeps_the_actor():
+    top = ["learner.trainable=top_layers", "learner.num_ranks=1", "learner.cpus_per_rank=2", "learner.gpus_per_rank=1",
+           "learner.resources={trainer_node: 1}", "rollout.cpus_per_generator=2", "rollout.gpus_per_generator=1",
+           "reward.workers=1", "reward.cpus_per_worker=0.25"]
+    shared = resource_needs(load_config("smoke", top))
+    assert shared["CPU"] == 2 + 1 * 2 + 0.25 and shared["GPU"] == 1 + 1 and shared["trainer_node"] == 1
+    separate = resource_needs(load_config("smoke", top + ["learner.share_trunk=false"]))
+    assert separate["CPU"] == 2 + 2 * 2 + 0.25 and separate["GPU"] == 1 + 1 + 1 and separate["trainer_node"] == 2
+    assert not load_config("smoke", top + ["learner.zero_stage=3"]).learner.shares_trunk  # partitioned trunk
+    assert not load_config("smoke", ["learner.trainable=all"]).learner.shares_trunk  # nothing frozen to share
+
+
 def test_free_ports_are_distinct_and_bindable():
     import socket
 

@@ -193,3 +193,20 @@ def test_a_cluster_without_the_requested_gpus_fails_in_seconds(tmp_path):
     assert result.returncode == 4
     assert "needs 3 GPUs" in result.stderr and "learner.gpus_per_rank" in result.stderr
     assert time.monotonic() - start < 120
+
+
+def test_a_top_layers_run_serves_the_reference_from_the_learner_ranks(tmp_path):
+    """trainable=top_layers (the CPU demo's setting) on two ZeRO-2 ranks: no reference actor; every micro-batch
+    trains on the trunk the reference pass kept, and the first iteration's KL is that of identical models."""
+    result = run_module("score_ray.launch", "--config", "configs/smoke.yaml", f"run.output_dir={tmp_path}",
+                        "learner.trainable=top_layers", "learner.trainable_top_layers=1",
+                        "eval.at_start=false", "eval.every=0", "data.eval.count=4", "checkpoint.every=0", timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "the reference on the learner ranks" in result.stdout
+    (run_dir,) = list(tmp_path.glob("smoke-*"))
+    train_rows = [r for r in read_rows(run_dir) if "train/stage" in r]
+    assert [r["perf/learner_trunk_reused"] for r in train_rows] == [1.0, 1.0]
+    assert train_rows[0]["train/kl_t1"] < 1e-6 and train_rows[0]["train/kl_t2"] < 1e-6
+    placement = json.loads((run_dir / "nodes.json").read_text())["placements"][0]
+    assert "learner ranks" in placement["reference"]["served_by"]
+    assert placement["reference"]["ip"] == placement["learner_ranks"][0]["ip"]
