@@ -94,3 +94,13 @@ def test_every_shipped_study_and_each_of_its_methods_validates():
         assert spec.control in spec.methods and spec.treated in spec.methods, path
         for method in spec.methods.values():
             load_config(spec.config, spec.overrides + method.overrides)
+
+
+def test_a_study_runs_seed_major_so_a_cut_short_one_is_balanced():
+    from score_ray.study import StudySpec, study_order
+
+    spec = StudySpec(name="s", config="smoke", methods={"base": {"train": False}, "score": {"seeds": [0, 1, 2]},
+                                                         "single_turn": {"seeds": [0, 1, 2]}, "star": {}})
+    assert study_order(spec) == [("base", 0), ("score", 0), ("single_turn", 0), ("star", 0),
+                                 ("score", 1), ("single_turn", 1), ("score", 2), ("single_turn", 2)]
+    assert study_order(spec, only=["score"]) == [("score", 0), ("score", 1), ("score", 2)]

@@ -126,11 +126,19 @@ def run_one(spec: StudySpec, method: str, seed: int) -> bool:
     return True
 
 
+def study_order(spec: StudySpec, only: Optional[list[str]] = None) -> list[tuple[str, int]]:
+    """(method, seed) pairs, seed-major: every method's first seed in the file's order, then every method's
+    second, ... so a study cut short has each method at as many seeds as the others, give or take one."""
+    chosen = {m: spec.methods[m].seeds for m in spec.methods if not only or m in only}
+    depth = max((len(seeds) for seeds in chosen.values()), default=0)
+    return [(m, seeds[i]) for i in range(depth) for m, seeds in chosen.items() if i < len(seeds)]
+
+
 def run_study(spec: StudySpec, only: Optional[list[str]] = None) -> int:
-    """Every (method, seed) not done yet, in the file's order; the report after each. Returns the failures."""
+    """Every (method, seed) not done yet, in ``study_order``; the report after each. Returns the failures."""
     from score_ray.study.report import write_report
 
-    todo = [(m, s) for m, chosen in spec.methods.items() for s in chosen.seeds if not only or m in only]
+    todo = study_order(spec, only)
     failures = 0
     for index, (method, seed) in enumerate(todo, start=1):
         if is_done(spec, method, seed):
