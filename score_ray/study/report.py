@@ -93,7 +93,7 @@ def eval_curves(runs: dict[str, dict[int, Path]]) -> dict[str, list[tuple[int, f
     return curves
 
 
-def plot(summary: dict, curves: dict, path: Path) -> None:
+def plot(summary: dict, curves: dict, path: Path, control: str = "base") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,12 +111,18 @@ def plot(summary: dict, curves: dict, path: Path) -> None:
     bars.set_ylabel("percent of held-out problems")
     bars.set_title(f"Delta and Acc@t2 per method (+- 1 SE, {summary['n_problems']} problems)")
     bars.legend()
+    untrained = summary["methods"].get(control)
+    if untrained is not None:  # the control is every run's model before training: iteration 0 of each curve
+        start = 100 * untrained["eval/acc_t2"]["mean"]
+        lines.axhline(start, color="gray", linestyle="--", linewidth=0.8, label=f"{control} Acc@t2")
     for method, points in curves.items():
+        if untrained is not None and points[0][0] > 0:
+            points = [(0, untrained["eval/acc_t1"]["mean"], untrained["eval/acc_t2"]["mean"])] + points
         lines.plot([p[0] for p in points], [100 * p[2] for p in points], marker=".", label=f"{method} Acc@t2")
     lines.set_xlabel("iteration")
     lines.set_ylabel("held-out Acc@t2 (%)")
     lines.set_title("Held-out accuracy over training (mean over seeds)")
-    if curves:
+    if curves or untrained is not None:
         lines.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -132,7 +138,7 @@ def write_report(spec: "StudySpec", show: bool = False) -> dict:
     summary = summarise(spec, runs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(table(summary))
-    plot(summary, eval_curves(runs), out / "plot.png")
+    plot(summary, eval_curves(runs), out / "plot.png", spec.control)
     if show:
         print(table(summary), flush=True)
     return summary
