@@ -104,3 +104,21 @@ def test_a_study_runs_seed_major_so_a_cut_short_one_is_balanced():
     assert study_order(spec) == [("base", 0), ("score", 0), ("single_turn", 0), ("star", 0),
                                  ("score", 1), ("single_turn", 1), ("score", 2), ("single_turn", 2)]
     assert study_order(spec, only=["score"]) == [("score", 0), ("score", 1), ("score", 2)]
+
+
+def test_the_demo_is_the_cpu_studys_score_recipe_at_one_seed():
+    # `make demo` promises one seed of the study's recipe: the two may differ only in when they evaluate
+    # and checkpoint, never in data, model, rollout or algorithm.
+    from pathlib import Path
+
+    from score_ray.config import load_config
+    from score_ray.study import load_study
+
+    spec = load_study(Path(__file__).resolve().parent.parent / "configs" / "studies" / "cpu_study.yaml")
+    demo = load_config(None).model_dump(mode="json")
+    study = load_config(spec.config, spec.overrides + spec.methods["score"].overrides).model_dump(mode="json")
+    assert spec.config.endswith("cpu_demo.yaml")
+    differing = {(section, key) for section in demo for key in demo[section]
+                 if demo[section][key] != study[section][key]}
+    assert differing == {("eval", "at_start"), ("eval", "every"), ("checkpoint", "every")}
+    assert demo["data"]["eval"]["count"] >= 500
