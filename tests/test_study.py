@@ -122,3 +122,26 @@ def test_the_demo_is_the_cpu_studys_score_recipe_at_one_seed():
                  if demo[section][key] != study[section][key]}
     assert differing == {("eval", "at_start"), ("eval", "every"), ("checkpoint", "every")}
     assert demo["data"]["eval"]["count"] >= 500
+
+
+def test_a_study_can_start_from_another_and_add_overrides_and_methods(tmp_path):
+    import pytest
+
+    from score_ray.study import load_study
+
+    (tmp_path / "parent.yaml").write_text(
+        "name: parent\nconfig: smoke\noverrides: [eval.every=0]\n"
+        "methods: {base: {train: false}, score: {seeds: [0, 1]}, star: {overrides: ['algo.objective=star']}}\n")
+    (tmp_path / "child.yaml").write_text(
+        "base: parent.yaml\nname: child\noverrides: [algo.normalize_advantages=true]\nmethods: {score: {seeds: [5]}}\n")
+    child = load_study(tmp_path / "child.yaml")
+    assert child.name == "child" and child.config == "smoke"
+    assert child.overrides == ["eval.every=0", "algo.normalize_advantages=true"]  # the child's win, coming last
+    assert list(child.methods) == ["base", "score", "star"]
+    assert child.methods["score"].seeds == [5] and child.methods["star"].overrides == ["algo.objective=star"]
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\nname: loop\n")
+    with pytest.raises(SystemExit, match="cycle"):
+        load_study(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\nname: orphan\n")
+    with pytest.raises(SystemExit, match="missing.yaml not found"):
+        load_study(tmp_path / "orphan.yaml")

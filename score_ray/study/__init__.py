@@ -3,7 +3,7 @@
     python -m score_ray.study configs/studies/cpu_study.yaml [--report-only] [--only METHOD ...]
 
 A study file names a base config, overrides for every run, and the methods, each with its seeds and
-overrides (``train: false`` evaluates the config's model untrained: the paper's base row). Each finished run
+overrides (or starts from another study file with ``base: other.yaml`` and adds overrides) (``train: false`` evaluates the config's model untrained: the paper's base row). Each finished run
 leaves ``results/<study>/<method>/seed-<seed>/`` (summary.json, metrics.jsonl, eval_final.jsonl: small,
 meant to be committed); a run whose folder is there is skipped, so a study spans several sittings, and a
 run cut short resumes from its last checkpoint (``run.resume=true``). The full run folders (models,
@@ -57,13 +57,34 @@ class StudySpec(BaseModel):
     methods: dict[str, MethodSpec] = Field(min_length=1)
 
 
-def load_study(path: Path) -> StudySpec:
+def _read_study(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The study file as a dict, with ``base: other.yaml`` (a path beside it) resolved: the base's settings,
+    then this file's, whose ``overrides`` come after the base's and whose ``methods`` replace the base's of
+    the same name. A variant of a recipe is then one line of overrides, not a copy of every method."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise SystemExit(f"score_ray.study: {path}: base files form a cycle")
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-        return StudySpec.model_validate(raw)
+        raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise SystemExit(f"score_ray.study: study file {path} not found") from None
-    except (yaml.YAMLError, ValidationError) as err:
+    except yaml.YAMLError as err:
+        raise SystemExit(f"score_ray.study: {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise SystemExit(f"score_ray.study: {path}: a study file is a mapping of settings")
+    base_name = raw.pop("base", None)
+    if base_name is None:
+        return raw
+    base = _read_study(path.parent / base_name, seen + (path,))
+    return {**base, **raw, "overrides": list(base.get("overrides", [])) + list(raw.get("overrides", [])),
+            "methods": {**base.get("methods", {}), **raw.get("methods", {})}}
+
+
+def load_study(path: Path) -> StudySpec:
+    raw = _read_study(Path(path))
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as err:
         raise SystemExit(f"score_ray.study: {path}: {err}") from None
 
 
