@@ -497,24 +497,36 @@ def find_config_file(name: Optional[str]) -> Path:
     raise ConfigError(f"config file {name!r} not found (looked in ., ./configs and {PROJECT_ROOT / 'configs'})")
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config; a top-level ``base: other.yaml`` is loaded first and deep-merged under it."""
+def read_base_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """A YAML mapping and the files it starts from with a top-level ``base: other.yaml`` (a path beside it),
+    outermost base first, each without its ``base`` key. One definition of the chain for run configs and
+    study files; each merges the layers its own way."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
-        return raw
+        return [raw]
     base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
     if not base_path.is_file():
-        raise ConfigError(f"{path}: base config {base!r} not found next to it")
-    return deep_merge(_read_yaml(base_path, seen + (path,)), raw)
+        raise ConfigError(f"{path}: base file {base!r} not found next to it")
+    return read_base_chain(base_path, seen + (path,)) + [raw]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A run config with its ``base`` chain deep-merged, the file's own settings over its base's."""
+    merged: dict[str, Any] = {}
+    for layer in read_base_chain(path):
+        merged = deep_merge(merged, layer)
+    return merged
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -140,8 +140,8 @@ def test_a_study_can_start_from_another_and_add_overrides_and_methods(tmp_path):
     assert list(child.methods) == ["base", "score", "star"]
     assert child.methods["score"].seeds == [5] and child.methods["star"].overrides == ["algo.objective=star"]
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\nname: loop\n")
-    with pytest.raises(SystemExit, match="cycle"):
+    with pytest.raises(SystemExit, match="loops back"):
         load_study(tmp_path / "loop.yaml")
     (tmp_path / "orphan.yaml").write_text("base: missing.yaml\nname: orphan\n")
-    with pytest.raises(SystemExit, match="missing.yaml not found"):
+    with pytest.raises(SystemExit, match="'missing.yaml' not found"):
         load_study(tmp_path / "orphan.yaml")

@@ -3,7 +3,8 @@
     python -m score_ray.study configs/studies/cpu_study.yaml [--report-only] [--only METHOD ...]
 
 A study file names a base config, overrides for every run, and the methods, each with its seeds and
-overrides (or starts from another study file with ``base: other.yaml`` and adds overrides) (``train: false`` evaluates the config's model untrained: the paper's base row). Each finished run
+overrides (``train: false`` evaluates the config's model untrained: the paper's base row); it may start
+from another study file with ``base: other.yaml`` and add overrides and methods. Each finished run
 leaves ``results/<study>/<method>/seed-<seed>/`` (summary.json, metrics.jsonl, eval_final.jsonl: small,
 meant to be committed); a run whose folder is there is skipped, so a study spans several sittings, and a
 run cut short resumes from its last checkpoint (``run.resume=true``). The full run folders (models,
@@ -57,27 +58,22 @@ class StudySpec(BaseModel):
     methods: dict[str, MethodSpec] = Field(min_length=1)
 
 
-def _read_study(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The study file as a dict, with ``base: other.yaml`` (a path beside it) resolved: the base's settings,
-    then this file's, whose ``overrides`` come after the base's and whose ``methods`` replace the base's of
-    the same name. A variant of a recipe is then one line of overrides, not a copy of every method."""
-    path = Path(path).resolve()
-    if path in seen:
-        raise SystemExit(f"score_ray.study: {path}: base files form a cycle")
+def _read_study(path: Path) -> dict:
+    """The study file as a dict, with its ``base: other.yaml`` chain (config.read_base_chain) folded in:
+    each file's settings over its base's, its ``overrides`` after the base's and its ``methods`` replacing
+    the base's of the same name. A variant of a recipe is then one line of overrides, not a copy of every
+    method."""
+    from score_ray.config import ConfigError, read_base_chain
+
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SystemExit(f"score_ray.study: study file {path} not found") from None
-    except yaml.YAMLError as err:
-        raise SystemExit(f"score_ray.study: {path}: {err}") from None
-    if not isinstance(raw, dict):
-        raise SystemExit(f"score_ray.study: {path}: a study file is a mapping of settings")
-    base_name = raw.pop("base", None)
-    if base_name is None:
-        return raw
-    base = _read_study(path.parent / base_name, seen + (path,))
-    return {**base, **raw, "overrides": list(base.get("overrides", [])) + list(raw.get("overrides", [])),
-            "methods": {**base.get("methods", {}), **raw.get("methods", {})}}
+        chain = read_base_chain(Path(path))
+    except ConfigError as err:
+        raise SystemExit(f"score_ray.study: {err}") from None
+    study: dict = {}
+    for layer in chain:
+        study = {**study, **layer, "overrides": list(study.get("overrides", [])) + list(layer.get("overrides", [])),
+                 "methods": {**study.get("methods", {}), **layer.get("methods", {})}}
+    return study
 
 
 def load_study(path: Path) -> StudySpec:
