@@ -18,8 +18,9 @@ smoke: setup
 study: setup
 	$(PY) -m score_ray.study configs/studies/cpu_study.yaml
 
+# The slowest 15 tests are listed at the end, so a slow machine shows where the time went.
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 # Unit tests only (no vLLM / Ray / DeepSpeed start-up).
 test-fast: setup
