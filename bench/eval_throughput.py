@@ -32,13 +32,10 @@ def matmul_gflops(threads: int, size: int = 1024, repeats: int = 20) -> float:
 
 
 def parameter_count(model_path: str) -> int:
-    """Parameters of the model (tied embeddings once), built on the meta device from its config."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Parameters of the model (tied embeddings once)."""
+    from flops import meta_model  # bench/ is on the path when a bench script runs
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(model_path).parameters())
 
 
 def main() -> None:

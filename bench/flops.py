@@ -20,13 +20,17 @@ class ModelShape:
     head_params: int  # hidden x vocabulary
 
 
-def model_shape(model_path: str) -> ModelShape:
-    """The shape of a Hugging Face causal LM, built on the meta device from its config (no weights read)."""
+def meta_model(model_path: str):
+    """A Hugging Face causal LM built on the meta device from its config: its shapes, no weights read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+
+
+def model_shape(model_path: str) -> ModelShape:
+    model = meta_model(model_path)
     blocks = model.model.layers
     matrices = sum(p.numel() for p in blocks[0].parameters() if p.dim() == 2)
     return ModelShape(block_params=matrices, layers=len(blocks), head_params=model.get_output_embeddings().weight.numel())

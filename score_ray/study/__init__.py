@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 KEPT_FILES = ("summary.json", "metrics.jsonl", "eval_final.jsonl", "eval_base.jsonl", "config.yaml")
