@@ -55,10 +55,11 @@ def test_model_path_resolution_errors(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["smollm2", "tiny-random"])
-def test_transformers_and_vllm_greedy_outputs_agree(model):
-    # A separate process per engine: vLLM's in-process engine keeps global state.
-    result = run_module("score_ray.assets", "verify", model, "--json", "--max-tokens", "32", timeout=900)
+def test_transformers_and_vllm_greedy_outputs_agree():
+    # The shipped model; the tiny test model's agreement is checked more strictly, token log-prob by token
+    # log-prob against the learner, in tests/system/test_stack.py. A process of its own: vLLM's in-process
+    # engine keeps global state.
+    result = run_module("score_ray.assets", "verify", "smollm2", "--json", "--max-tokens", "32", timeout=900)
     assert result.returncode in (0, 1), result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     rows = report["rows"]
@@ -66,5 +67,3 @@ def test_transformers_and_vllm_greedy_outputs_agree(model):
     diverged = [(row["prompt"], row["common_prefix"], row["transformers"], row["vllm"]) for row in rows if not row["match"]]
     assert not diverged, diverged
     assert all(row["length"] > 0 for row in rows)
-    if model == "tiny-random":  # a random model that babbles one token would make the check vacuous
-        assert all(len(set(row["vllm"].split())) > 3 for row in rows)

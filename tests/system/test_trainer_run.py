@@ -1,6 +1,7 @@
 """End to end: `python -m score_ray.launch` on the smoke config, Stage I into Stage II, resume, eval CLI."""
 
 import json
+import os
 import re
 
 import pytest
@@ -67,11 +68,15 @@ def test_smoke_run_writes_every_metric(uninterrupted, tmp_path):
     assert [h["iteration"] for h in history if "train/reward_t1" in h] == [1, 2, 3]
     assert any("eval/acc_t2" in h for h in history)
 
-    # The eval CLI on the run folder prints the five metrics.
-    evaluated = run_module("score_ray.eval", str(run_dir), "--n", "4", "--output", str(tmp_path / "eval.json"), timeout=600)
-    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    # The eval CLI on the run folder prints the five metrics and writes a record per problem, with an engine
+    # that asks for every core of the machine (cpu_demo's on a 2-core one): the graders must still be placed.
+    records = tmp_path / "records.jsonl"
+    evaluated = run_module("score_ray.eval", str(run_dir), "--n", "4", "--output", str(tmp_path / "eval.json"),
+                           "--records", str(records), f"rollout.cpus_per_generator={os.cpu_count()}", timeout=600)
+    assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-4000:]
     assert re.search(r"Acc@t1\s+Acc@t2\s+Delta\(t1,t2\)\s+Delta_i->c\s+Delta_c->i", evaluated.stdout)
     assert json.loads((tmp_path / "eval.json").read_text())["eval/n"] == 4
+    assert len(records.read_text().splitlines()) == 4
 
 
 def test_a_driver_killed_mid_iteration_resumes_to_the_same_metrics(uninterrupted, tmp_path):
