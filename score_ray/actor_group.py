@@ -37,6 +37,7 @@ class RolloutHandle:
     samples: int
     greedy: bool
     tasks: dict  # ObjectRef -> share index
+    turn2_samples: int = 1
 
 
 class ActorGroup:
@@ -165,19 +166,20 @@ class ActorGroup:
 
     # ------------------------------------------------------------------ generation with recovery
     def start_rollout(self, problems: Sequence[Problem], samples: int, greedy: bool = False,
-                      seeds: Optional[list[int]] = None) -> RolloutHandle:
+                      seeds: Optional[list[int]] = None, turn2_samples: int = 1) -> RolloutHandle:
         count = len(self.generators)
         seeds = seeds if seeds is not None else [None] * len(problems)
         shares = [(list(problems[i::count]), seeds[i::count]) for i in range(count)]
-        handle = RolloutHandle(shares=shares, samples=samples, greedy=greedy, tasks={})
+        handle = RolloutHandle(shares=shares, samples=samples, greedy=greedy, tasks={}, turn2_samples=turn2_samples)
         for index, share in enumerate(shares):
             if share[0]:
-                handle.tasks[self._submit(index, share, samples, greedy)] = index
+                handle.tasks[self._submit(index, handle)] = index
         return handle
 
-    def _submit(self, index: int, share, samples: int, greedy: bool):
-        problems, seeds = share
-        return self.generators[index].generate.remote(problems, samples, greedy, None if greedy else seeds)
+    def _submit(self, index: int, handle: RolloutHandle):
+        problems, seeds = handle.shares[index]
+        return self.generators[index].generate.remote(problems, handle.samples, handle.greedy,
+                                                      None if handle.greedy else seeds, handle.turn2_samples)
 
     def finish_rollout(self, handle: RolloutHandle) -> tuple[list[Episode], dict[str, float]]:
         """Wait for every share; a share whose generator died is redone on the restarted generator."""
@@ -193,7 +195,7 @@ class ActorGroup:
             except ray.exceptions.RayActorError as err:
                 retries += 1
                 self._recover_generator(index, err)
-                handle.tasks[self._submit(index, handle.shares[index], handle.samples, handle.greedy)] = index
+                handle.tasks[self._submit(index, handle)] = index
         episodes = [episode for index in sorted(parts) for episode in parts[index].episodes]
         compute = max((part.seconds for part in parts.values() if part.episodes), default=0.0)
         return episodes, {"perf/rollout_retries": float(retries), "perf/rollout_compute_seconds": compute}

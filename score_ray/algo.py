@@ -198,11 +198,17 @@ def score_turns(
     kl_in_reward: bool = False,
     kl1: Sequence[float] = (),
     kl2: Sequence[float] = (),
+    turn2_groups: Optional[Sequence[Hashable]] = None,
+    trains_turn1: Optional[Sequence[bool]] = None,
 ) -> dict[str, list[float]]:
     """Per-episode turn rewards, advantages and KL coefficients for one batch.
 
     ``kl1`` / ``kl2`` are each episode's summed per-token log-ratio log(pi/ref) on
     the turn, needed only when the KL penalty goes into the reward instead of the loss.
+    With several second attempts per first attempt (rollout.turn2_samples), ``turn2_groups`` groups turn 2's
+    advantages by first attempt (default: ``groups``), so a correction is compared with the other corrections
+    of the same y1, and ``trains_turn1`` marks the one episode per y1 that trains turn 1: turn 1's advantages
+    are computed over those alone (each y1 counted once) and are 0 elsewhere.
     Returns lists: reward1, reward2 (shaped, before KL), adv1, adv2, kl_coef1, kl_coef2.
     When the KL is in the reward, the loss's KL coefficients are 0.
     """
@@ -216,12 +222,17 @@ def score_turns(
             raise ValueError("kl_in_reward needs the per-episode KL sums of both turns")
         scored1 = [r - coef1 * k for r, k in zip(scored1, kl1)]
         scored2 = [r - coef2 * k for r, k in zip(scored2, kl2)]
-    adv1 = advantages(scored1, groups, advantage)
-    adv2 = advantages(scored2, groups, advantage)
-    if normalize_advantages and len(adv1) > 1:
-        adv1, adv2 = normalize(adv1), normalize(adv2)
-    loss_coef1, loss_coef2 = (0.0, 0.0) if kl_in_reward else (coef1, coef2)
     n = len(r1)
+    rows1 = [i for i in range(n) if trains_turn1 is None or trains_turn1[i]]
+    adv1_rows = advantages([scored1[i] for i in rows1], [groups[i] for i in rows1], advantage)
+    adv2 = advantages(scored2, groups if turn2_groups is None else turn2_groups, advantage)
+    if normalize_advantages:
+        adv1_rows = normalize(adv1_rows) if len(adv1_rows) > 1 else adv1_rows
+        adv2 = normalize(adv2) if n > 1 else adv2
+    adv1 = [0.0] * n
+    for i, value in zip(rows1, adv1_rows):
+        adv1[i] = value
+    loss_coef1, loss_coef2 = (0.0, 0.0) if kl_in_reward else (coef1, coef2)
     return {
         "reward1": reward1,
         "reward2": reward2,

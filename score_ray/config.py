@@ -217,6 +217,10 @@ class RolloutConfig(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     prompts_per_iteration: int = Field(8, ge=1)
     samples_per_prompt: int = Field(4, ge=1)
+    turn2_samples: int = Field(
+        1, ge=1, description="second attempts sampled per first attempt: with 2 or more, turn 2's advantage is "
+        "measured against the other corrections of the same first attempt, and turn 1 is trained once per attempt"
+    )
     temperature: float = Field(1.0, gt=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens_turn1: int = Field(256, ge=1)
@@ -453,6 +457,11 @@ class Config(_Strict):
         if self.algo.advantage == "rloo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 "algo.advantage=rloo needs rollout.samples_per_prompt >= 2 (a leave-one-out baseline needs peers)"
+            )
+        if self.rollout.turn2_samples > 1 and (self.algo.objective != "rl" or 2 not in self.algo.train_turns):
+            raise ValueError(
+                f"rollout.turn2_samples={self.rollout.turn2_samples} needs RL on turn 2 (algo.objective=rl, 2 in "
+                "algo.train_turns): only turn 2's advantage uses the second attempts of one first attempt"
             )
         if self.algo.objective != "rl" and self.rollout.overlap:
             raise ValueError(

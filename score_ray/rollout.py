@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import ray
@@ -194,16 +194,18 @@ class GeneratorActor:
         )
 
     def generate(
-        self, problems: Sequence[Problem], samples: int, greedy: bool = False, seeds: Optional[list[int]] = None
+        self, problems: Sequence[Problem], samples: int, greedy: bool = False, seeds: Optional[list[int]] = None,
+        turn2_samples: int = 1,
     ) -> Generated:
-        """Two-turn episodes: ``samples`` per problem (1 when greedy).
+        """Two-turn episodes: ``samples`` first attempts per problem and ``turn2_samples`` second attempts per
+        first attempt, each its own episode (one and one when greedy).
 
         ``seeds`` (one per problem) make sampling a function of the problem and the weights alone, so a
         redone rollout (a restarted actor, a resumed run) samples what the lost one would have.
         """
         try:
             start = time.monotonic()
-            episodes = self._generate(problems, samples, greedy, seeds)
+            episodes = self._generate(problems, samples, greedy, seeds, turn2_samples)
             return Generated(episodes, time.monotonic() - start)
         except Exception as err:  # noqa: BLE001 - an OOM is re-raised with the settings that bound memory
             if is_out_of_memory(err):
@@ -215,13 +217,14 @@ class GeneratorActor:
             raise
 
     def _generate(
-        self, problems: Sequence[Problem], samples: int, greedy: bool, seeds: Optional[list[int]]
+        self, problems: Sequence[Problem], samples: int, greedy: bool, seeds: Optional[list[int]],
+        turn2_samples: int = 1,
     ) -> list[Episode]:
         from vllm.inputs import TokensPrompt
 
         if seeds is None or greedy:
             seeds = [None] * len(problems)
-        samples = 1 if greedy else samples
+        samples, turn2_samples = (1, 1) if greedy else (samples, turn2_samples)
         turn1_prompts = [self.prompter.turn1_ids(problem) for problem in problems]
         first = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in turn1_prompts],
@@ -236,8 +239,9 @@ class GeneratorActor:
                     problem=problem, sample=index, x1=x1, y1=y1, y1_logp=_logprobs_of(sample),
                     y1_truncated=sample.finish_reason == "length", x2=self.prompter.turn2_ids(problem.kind, x1, y1),
                 ))
-                # vLLM seeds the n samples of turn 1 with seed + index; turn 2 continues past them
-                turn2_seeds.append(None if seed is None else seed + samples + index)
+                # vLLM seeds the n samples of a request with seed + index: turn 2's seeds continue past turn 1's,
+                # turn2_samples apart
+                turn2_seeds.append(None if seed is None else seed + samples + index * turn2_samples)
         limit = self.rollout.max_model_len
         second_prompts, second_params = [], []
         for episode, seed in zip(episodes, turn2_seeds):
@@ -248,17 +252,20 @@ class GeneratorActor:
                     f"rollout.max_model_len={limit} leaves no room: raise it or lower rollout.max_tokens_turn1"
                 )
             second_prompts.append(TokensPrompt(prompt_token_ids=episode.x2))
-            second_params.append(self._params(min(self.rollout.max_tokens_turn2, room), greedy, seed=seed))
+            second_params.append(self._params(min(self.rollout.max_tokens_turn2, room), greedy, n=turn2_samples,
+                                              seed=seed))
         second = self.llm.generate(second_prompts, second_params, use_tqdm=False)
+        branched = []
         for episode, output in zip(episodes, second):
-            sample = output.outputs[0]
-            episode.y2 = list(sample.token_ids)
-            episode.y2_logp = _logprobs_of(sample)
-            episode.y2_truncated = sample.finish_reason == "length"
             episode.y1_text = self.tokenizer.decode(episode.y1, skip_special_tokens=True)
-            episode.y2_text = self.tokenizer.decode(episode.y2, skip_special_tokens=True)
             episode.weight_version = self.weight_version
-        return episodes
+            for branch, sample in enumerate(output.outputs):
+                y2 = list(sample.token_ids)
+                branched.append(replace(
+                    episode, y2=y2, y2_logp=_logprobs_of(sample), y2_truncated=sample.finish_reason == "length",
+                    y2_text=self.tokenizer.decode(y2, skip_special_tokens=True), branch=branch,
+                ))
+        return branched
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, payload, version: int) -> dict[str, float]:

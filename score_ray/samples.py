@@ -45,12 +45,15 @@ def build_samples(
     turns: Sequence[int] = TURNS,
 ) -> list[LearnerSample]:
     """One sample per episode: the full sequence x2 + y2 with the tokens of the turns in ``turns`` trained
-    ([1] is single-turn RL). ``scored`` is ``algo.score_turns``'s output (adv1/2, kl_coef1/2 per episode)."""
+    ([1] is single-turn RL). ``scored`` is ``algo.score_turns``'s output (adv1/2, kl_coef1/2 per episode).
+    Of the episodes that share a y1 (rollout.turn2_samples), only branch 0 trains turn 1."""
     samples = []
     for index, (episode, ref) in enumerate(zip(episodes, ref_logps)):
         width = len(episode.sequence) - 1
         mask, advantage, coef, old = ([0.0] * width for _ in range(4))
         for turn in turns:
+            if turn == 1 and episode.branch > 0:
+                continue
             start, end = episode.turn_span(turn)
             mask[start:end] = [1.0] * (end - start)
             advantage[start:end] = [scored[f"adv{turn}"][index]] * (end - start)

@@ -251,7 +251,8 @@ class Trainer:
                                               config.rollout.prompts_per_iteration, config.run.seed)
         problems = [self.train_problems[i] for i in indices]
         seeds = sampling_seeds(config.run.seed, iteration, problems)
-        return self.actors.start_rollout(problems, config.rollout.samples_per_prompt, seeds=seeds), (epoch, position)
+        return self.actors.start_rollout(problems, config.rollout.samples_per_prompt, seeds=seeds,
+                                         turn2_samples=config.rollout.turn2_samples), (epoch, position)
 
     def rollout(self, iteration: int) -> tuple[list[Episode], dict[str, float]]:
         handle, position = self.prefetched if self.prefetched is not None else self.start_rollout(iteration)
@@ -301,10 +302,13 @@ class Trainer:
                                     SUPERVISED_TURNS[settings.objective])
             return {"reward2": list(r2)}, samples  # no shaping: the metrics report r2
         kl_sums = [turn_kl_sums(e, ref) for e, ref in zip(episodes, ref_logps)]
+        branched = self.config.rollout.turn2_samples > 1  # turn 2 compared within each first attempt's group
         scored = algo.score_turns(
             stage, r1, r2, [e.problem.id for e in episodes], settings.alpha, settings.beta1, settings.beta2,
             advantage=settings.advantage, normalize_advantages=settings.normalize_advantages,
             kl_in_reward=settings.kl_in == "reward", kl1=[k[0] for k in kl_sums], kl2=[k[1] for k in kl_sums],
+            turn2_groups=[(e.problem.id, e.sample) for e in episodes] if branched else None,
+            trains_turn1=[e.branch == 0 for e in episodes],
         )
         return scored, build_samples(episodes, ref_logps, scored, tuple(settings.train_turns))
 

@@ -62,6 +62,9 @@ def test_cross_field_rules_name_both_keys():
     assert "algo.advantage=rloo" in message and "rollout.samples_per_prompt" in message
     message = error_of("rollout.max_tokens_turn1=300", "rollout.max_tokens_turn2=300")
     assert "rollout.max_model_len" in message
+    for other in ("algo.objective=star", "algo.train_turns=[1]"):
+        message = error_of("rollout.turn2_samples=4", other)
+        assert "rollout.turn2_samples=4" in message and other.split("=")[0] in message
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 1.5])

@@ -32,6 +32,20 @@ def test_samples_train_exactly_the_sampled_tokens_of_each_turn():
     assert kl2 == pytest.approx(-0.8 + 7.0)
 
 
+def test_second_attempts_at_one_first_attempt_train_its_turn_one_once():
+    from dataclasses import replace
+
+    first = Episode(problem=PROBLEM, sample=0, x1=[1, 2, 3], y1=[4, 5], y1_logp=[-0.4, -0.5], y1_truncated=False,
+                    x2=[1, 2, 3, 4, 5, 6, 7], y2=[8], y2_logp=[-0.8])
+    second = replace(first, y2=[9, 10], y2_logp=[-0.9, -1.0], branch=1)
+    refs = [[-1.0] * 7, [-1.0] * 8]
+    scored = {"adv1": [2.0, 0.0], "adv2": [-3.0, 3.0], "kl_coef1": [0.1, 0.1], "kl_coef2": [0.01, 0.01]}
+    kept, branch = build_samples([first, second], refs, scored)
+    assert kept.loss_mask == [0, 0, 1, 1, 0, 0, 1]
+    assert branch.loss_mask == [0, 0, 0, 0, 0, 0, 1, 1]  # its y1 is trained in branch 0's sample only
+    assert branch.advantage == [0, 0, 0, 0, 0, 0, 3.0, 3.0] and branch.kl_coef[2:4] == [0, 0]
+
+
 def test_a_sampler_log_prob_list_that_does_not_match_its_tokens_is_refused_naming_the_problem():
     episode = Episode(problem=PROBLEM, sample=0, x1=[1, 2], y1=[3, 4], y1_logp=[-0.1], y1_truncated=False,
                       x2=[1, 2, 3, 4, 5], y2=[6], y2_logp=[-0.2])

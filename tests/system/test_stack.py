@@ -85,6 +85,27 @@ def test_episodes_are_two_turns_built_from_sampled_ids(stack):
         assert np.allclose(episode.y1_logp, logp[start:end], atol=2e-3)
 
 
+def test_second_attempts_at_one_first_attempt_share_it_differ_and_are_the_learners_samples(stack):
+    import ray
+
+    config, generator, _, group = stack
+    chosen = problems(config, 2)
+    seeds = [11, 12]
+    episodes = ray.get(generator.generate.remote(chosen, 2, False, seeds, 3)).episodes
+    assert len(episodes) == 2 * 2 * 3
+    attempts = [episodes[i:i + 3] for i in range(0, len(episodes), 3)]  # the second attempts of one y1
+    for index, branches in enumerate(attempts):
+        assert [e.branch for e in branches] == [0, 1, 2] and {e.sample for e in branches} == {index % 2}
+        assert all(e.y1 == branches[0].y1 and e.x2 == branches[0].x2 for e in branches)
+    assert any(len({tuple(e.y2) for e in branches}) > 1 for branches in attempts)  # really several samples
+    again = ray.get(generator.generate.remote(chosen, 2, False, seeds, 3)).episodes
+    assert [(e.y1, e.y2) for e in again] == [(e.y1, e.y2) for e in episodes]  # a redone rollout is the same
+    learner = group.sequence_logprobs([e.sequence for e in episodes], config.rollout.temperature)
+    for episode, logp in zip(episodes, learner):
+        start, end = episode.turn_span(2)
+        assert np.allclose(episode.y2_logp, logp[start:end], atol=2e-3)
+
+
 def test_loss_falls_on_a_fixed_batch_and_weights_sync_every_step(stack):
     import ray
 

@@ -202,15 +202,18 @@ def test_a_cluster_without_the_requested_gpus_fails_in_seconds(tmp_path):
 
 def test_a_top_layers_run_serves_the_reference_from_the_learner_ranks(tmp_path):
     """trainable=top_layers (the CPU demo's setting) on two ZeRO-2 ranks: no reference actor; every micro-batch
-    trains on the trunk the reference pass kept, and the first iteration's KL is that of identical models."""
+    trains on the trunk the reference pass kept, and the first iteration's KL is that of identical models.
+    With two second attempts per first attempt (rollout.turn2_samples=2), every iteration trains twice the
+    episodes and grades them all."""
     result = run_module("score_ray.launch", "--config", "configs/smoke.yaml", f"run.output_dir={tmp_path}",
-                        "learner.trainable=top_layers", "learner.trainable_top_layers=1",
+                        "learner.trainable=top_layers", "learner.trainable_top_layers=1", "rollout.turn2_samples=2",
                         "eval.at_start=false", "eval.every=0", "data.eval.count=4", "checkpoint.every=0", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "the reference on the learner ranks" in result.stdout
     (run_dir,) = list(tmp_path.glob("smoke-*"))
     train_rows = [r for r in read_rows(run_dir) if "train/stage" in r]
     assert [r["perf/learner_trunk_reused"] for r in train_rows] == [1.0, 1.0]
+    assert [r["train/episodes"] for r in train_rows] == [16, 16]  # 4 prompts x 2 first attempts x 2 second
     assert train_rows[0]["train/kl_t1"] < 1e-6 and train_rows[0]["train/kl_t2"] < 1e-6
     placement = json.loads((run_dir / "nodes.json").read_text())["placements"][0]
     assert "learner ranks" in placement["reference"]["served_by"]
