@@ -154,7 +154,8 @@ def iteration_metrics(stage: int, episodes: Sequence[Episode], ref_logps: Sequen
         "train/grader_alarm": 1.0 if alarm else 0.0,
         "perf/learner_micro_batches": step["micro_batches"],
         "perf/learner_trunk_reused": step["trunk_batches"] / max(1.0, step["filled_batches"]),
-        "perf/generated_tokens": float(sum(len(e.y1) + len(e.y2) for e in episodes)),
+        # a first attempt is sampled once, whatever the number of second attempts at it
+        "perf/generated_tokens": float(sum(len(e.y2) + (len(e.y1) if e.branch == 0 else 0) for e in episodes)),
     }
 
 

@@ -67,6 +67,13 @@ def build_samples(
     return samples
 
 
+def first_attempt_groups(episodes: Sequence[Episode]) -> list[tuple[str, tuple[int, ...]]]:
+    """Each episode's first attempt, as a key: the episodes that share one are the second attempts at it
+    (rollout.turn2_samples). Keyed on y1 itself, not on the sample index: a batch that crosses an epoch holds
+    a problem twice, with other first attempts under the same indices."""
+    return [(episode.problem.id, tuple(episode.y1)) for episode in episodes]
+
+
 def turn_kl_sums(episode: Episode, ref: list[float]) -> tuple[float, float]:
     """Summed log(pi/ref) of the sampled tokens of each turn (for the KL in the reward)."""
     sums = []

@@ -47,6 +47,7 @@ from score_ray.placement import check_resources, ray_init
 from score_ray.samples import (
     SUPERVISED_TURNS,
     build_samples,
+    first_attempt_groups,
     pair_sft_episodes,
     star_episodes,
     supervised_credit,
@@ -307,7 +308,7 @@ class Trainer:
             stage, r1, r2, [e.problem.id for e in episodes], settings.alpha, settings.beta1, settings.beta2,
             advantage=settings.advantage, normalize_advantages=settings.normalize_advantages,
             kl_in_reward=settings.kl_in == "reward", kl1=[k[0] for k in kl_sums], kl2=[k[1] for k in kl_sums],
-            turn2_groups=[(e.problem.id, e.sample) for e in episodes] if branched else None,
+            turn2_groups=first_attempt_groups(episodes) if branched else None,
             trains_turn1=[e.branch == 0 for e in episodes],
         )
         return scored, build_samples(episodes, ref_logps, scored, tuple(settings.train_turns))

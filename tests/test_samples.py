@@ -4,7 +4,7 @@ import pytest
 
 from score_ray.data import Problem
 from score_ray.episode import Episode
-from score_ray.samples import build_samples, trained_positions, turn_kl_sums
+from score_ray.samples import build_samples, first_attempt_groups, trained_positions, turn_kl_sums
 
 PROBLEM = Problem(id="p0", kind="math", prompt="1 + 1", answer="2")
 
@@ -40,6 +40,11 @@ def test_second_attempts_at_one_first_attempt_train_its_turn_one_once():
     second = replace(first, y2=[9, 10], y2_logp=[-0.9, -1.0], branch=1)
     refs = [[-1.0] * 7, [-1.0] * 8]
     scored = {"adv1": [2.0, 0.0], "adv2": [-3.0, 3.0], "kl_coef1": [0.1, 0.1], "kl_coef2": [0.01, 0.01]}
+    # The key of a first attempt is the attempt: the same problem and sample index in the next epoch's share of a
+    # batch is another first attempt, and its second attempts are compared among themselves.
+    next_epoch = replace(first, y1=[4, 6], x2=[1, 2, 3, 4, 6, 6, 7])
+    keys = first_attempt_groups([first, second, next_epoch])
+    assert keys[0] == keys[1] != keys[2]
     kept, branch = build_samples([first, second], refs, scored)
     assert kept.loss_mask == [0, 0, 1, 1, 0, 0, 1]
     assert branch.loss_mask == [0, 0, 0, 0, 0, 0, 1, 1]  # its y1 is trained in branch 0's sample only
