@@ -47,6 +47,12 @@ class Episode:
     r2: Optional[float] = None
 
     @property
+    def trains_turn1(self) -> bool:
+        """Whether this episode carries its y1 (to the learner, and into counts of sampled tokens): of the
+        episodes that share one first attempt, branch 0 alone."""
+        return self.branch == 0
+
+    @property
     def sequence(self) -> list[int]:
         """The full token sequence the learner and the reference score: x2 + y2."""
         return self.x2 + self.y2

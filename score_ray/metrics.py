@@ -155,7 +155,7 @@ def iteration_metrics(stage: int, episodes: Sequence[Episode], ref_logps: Sequen
         "perf/learner_micro_batches": step["micro_batches"],
         "perf/learner_trunk_reused": step["trunk_batches"] / max(1.0, step["filled_batches"]),
         # a first attempt is sampled once, whatever the number of second attempts at it
-        "perf/generated_tokens": float(sum(len(e.y2) + (len(e.y1) if e.branch == 0 else 0) for e in episodes)),
+        "perf/generated_tokens": float(sum(len(e.y2) + (len(e.y1) if e.trains_turn1 else 0) for e in episodes)),
     }
 
 

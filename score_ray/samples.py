@@ -52,7 +52,7 @@ def build_samples(
         width = len(episode.sequence) - 1
         mask, advantage, coef, old = ([0.0] * width for _ in range(4))
         for turn in turns:
-            if turn == 1 and episode.branch > 0:
+            if turn == 1 and not episode.trains_turn1:
                 continue
             start, end = episode.turn_span(turn)
             mask[start:end] = [1.0] * (end - start)

@@ -309,7 +309,7 @@ class Trainer:
             advantage=settings.advantage, normalize_advantages=settings.normalize_advantages,
             kl_in_reward=settings.kl_in == "reward", kl1=[k[0] for k in kl_sums], kl2=[k[1] for k in kl_sums],
             turn2_groups=first_attempt_groups(episodes) if branched else None,
-            trains_turn1=[e.branch == 0 for e in episodes],
+            trains_turn1=[e.trains_turn1 for e in episodes],
         )
         return scored, build_samples(episodes, ref_logps, scored, tuple(settings.train_turns))
 
