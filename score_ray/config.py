@@ -276,6 +276,10 @@ class RewardConfig(_Strict):
         0.25, ge=0.0, le=1.0, description="warn when more than this share of an iteration's grades time out or fail"
     )
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a dead reward actor (its chunk is retried)")
+    credit_truncated: bool = Field(
+        False, description="grade responses cut at the token cap like finished ones (false: they are wrong, the "
+        "grader never read their end). True only reproduces runs made before this key existed"
+    )
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
 

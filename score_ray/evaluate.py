@@ -75,7 +75,7 @@ def grade_episodes(pool, episodes: Sequence["Episode"]) -> tuple[list[float], li
     for episode in episodes:
         problem = episode.problem
         for turn in (1, 2):
-            record = {"kind": problem.kind, "response": episode.response_text(turn)}
+            record = {"kind": problem.kind, "response": episode.response_text(turn), "truncated": episode.truncated(turn)}
             if problem.kind == "math":
                 record["answer"] = problem.answer
             else:

@@ -5,7 +5,9 @@ trainer uses. Input records:
   {"id", "kind": "math", "response", "answer"}
   {"id", "kind": "code", "response", "tests", "entry_point"?}
 where ``tests`` is Python source run after the program (followed by
-``check(<entry_point>)`` when given) or a list of assert strings. Each output
+``check(<entry_point>)`` when given) or a list of assert strings. A record with
+``"truncated": true`` (its response hit the generator's token cap) is graded wrong:
+the grader never saw its end (``--credit-truncated`` grades it like the rest). Each output
 record is the input plus ``reward`` (1.0 or 0.0), ``status`` (correct | wrong |
 timeout | error) and ``seconds``. A line that is not a JSON object comes back as
 an ``error`` record naming the line, so nothing is silently dropped.
@@ -57,6 +59,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="records graded at once per actor")
     parser.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
     parser.add_argument("--math-timeout", type=float, default=5.0, help="seconds per symbolic math check")
+    parser.add_argument("--credit-truncated", action="store_true",
+                        help="grade records marked truncated like finished ones (as runs before the fix did)")
     args = parser.parse_args(argv)
     if not args.input.is_file():
         print(f"score_ray.grade: input {args.input} not found", file=sys.stderr)
@@ -67,6 +71,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cpus_per_worker=0.5,
         math_timeout_s=args.math_timeout,
         sandbox=SandboxConfig(wall_seconds=args.timeout),
+        credit_truncated=args.credit_truncated,
     )
     records = read_records(args.input)
     import ray

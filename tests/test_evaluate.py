@@ -18,3 +18,39 @@ def test_five_metrics_by_hand():
     assert metrics["acc_t1_se"] == pytest.approx((0.3 / 5) ** 0.5)
     table = format_table({"base": metrics})
     assert "Acc@t1" in table and "Delta_c->i" in table and "40.0" in table and "of 5 held-out" in table
+
+
+# The loop the no_shaping runs fell into: a whole answer repeated until the 64-token cap cut it mid-number.
+LOOP = "The final answer is 13.\nThe final answer is 13.\nThe final answer is 1"
+
+
+def _episode(y1_text, y1_truncated, y2_text, y2_truncated, answer):
+    from score_ray.data import Problem
+    from score_ray.episode import Episode
+
+    problem = Problem(id="p", kind="math", prompt="12 + 1", answer=answer)
+    return Episode(problem=problem, sample=0, x1=[1], y1=[2], y1_logp=[0.0], y1_truncated=y1_truncated, x2=[1, 2, 3],
+                   y2=[4], y2_logp=[0.0], y2_truncated=y2_truncated, y1_text=y1_text, y2_text=y2_text)
+
+
+@pytest.mark.parametrize("credit_truncated, expected", [(False, ([0.0, 1.0], [0.0, 0.0])), (True, ([0.0, 1.0], [1.0, 0.0]))])
+def test_responses_cut_at_the_token_cap_fail_closed(credit_truncated, expected):
+    from score_ray.evaluate import grade_episodes
+    from score_ray.reward import TRUNCATED_DETAIL, Grader
+
+    grader = Grader(credit_truncated=credit_truncated)
+    episodes = [
+        # the no_shaping "fix": the cap cut y1 inside "13" (read: 1, wrong) and y2 just before a number (read: the
+        # last whole line, 13, right), so crediting cut text counted an incorrect -> correct that never happened
+        _episode(LOOP, True, "The final answer is 13.\nThe final answer is", True, answer="13"),
+        # the same words finished by the model itself are whole answers, right and wrong
+        _episode("The final answer is 13.", False, "The final answer is 1.", False, answer="13"),
+    ]
+    r1, r2, results = grade_episodes(grader, episodes)
+    grader.close()
+    assert (r1, r2) == expected
+    if credit_truncated:
+        assert [result["status"] for result in results[:2]] == ["wrong", "correct"]
+    else:
+        assert all(result["status"] == "wrong" and result["detail"] == TRUNCATED_DETAIL for result in results[:2])
+    assert [result["status"] for result in results[2:]] == ["correct", "wrong"]

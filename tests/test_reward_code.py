@@ -245,3 +245,13 @@ def test_the_weaker_fallback_still_isolates_network_uid_and_environment(monkeypa
     assert uid == "65534" and network == "no network" and "WANDB_API_KEY" not in environment
     assert "WEAKER" in capsys.readouterr().err
     assert grade_code(GOOD, ASSERTS, limits=SandboxConfig(backend="unshare")).status == "correct"
+
+
+def test_a_program_cut_at_the_token_cap_is_not_run():
+    # the function is whole and would pass: what the cap cut (here a comment) was never seen, so it fails closed
+    record = {"kind": "code", "response": GOOD.removesuffix("```") + "# now a test of", "tests": ["assert add(2, 3) == 5"]}
+    grader = Grader(LIMITS, threads=1)
+    whole, cut = grader.grade([record, {**record, "truncated": True}])
+    grader.close()
+    assert whole["status"] == "correct"
+    assert cut["status"] == "wrong" and cut["reward"] == 0.0 and "token cap" in cut["detail"]

@@ -81,6 +81,23 @@ def test_the_report_writes_the_table_plot_and_summary_of_the_finished_runs(tmp_p
     assert (out / "plot.png").stat().st_size > 10_000
 
 
+def test_a_report_regraded_with_cut_responses_wrong_takes_reward_only_from_them(tmp_path):
+    from score_ray.study.report import read_records
+
+    rows = [{"id": "whole", "r1": 1.0, "r2": 0.0, "truncated1": False, "truncated2": False},
+            {"id": "cut_first", "r1": 1.0, "r2": 1.0, "truncated1": True, "truncated2": False},  # read from a fragment
+            {"id": "cut_both", "r1": 0.0, "r2": 1.0, "truncated1": True, "truncated2": True}]
+    path = tmp_path / "eval_final.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert read_records(path) == {"whole": (1.0, 0.0), "cut_first": (1.0, 1.0), "cut_both": (0.0, 1.0)}
+    assert read_records(path, truncated_wrong=True) == {"whole": (1.0, 0.0), "cut_first": (0.0, 1.0),
+                                                        "cut_both": (0.0, 0.0)}
+    # records written before truncation was recorded cannot be re-graded: said, not guessed
+    path.write_text(json.dumps({"id": "old", "r1": 1.0, "r2": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="'old' has no truncated1"):
+        read_records(path, truncated_wrong=True)
+
+
 def test_every_shipped_study_and_each_of_its_methods_validates():
     from pathlib import Path
 
@@ -120,7 +137,9 @@ def test_the_demo_is_the_cpu_studys_score_recipe_at_one_seed():
     assert spec.config.endswith("cpu_demo.yaml")
     differing = {(section, key) for section in demo for key in demo[section]
                  if demo[section][key] != study[section][key]}
-    assert differing == {("eval", "at_start"), ("eval", "every"), ("checkpoint", "every")}
+    # and in the grader: the demo grades as the grader now does (cut responses wrong); the study kept the rule it ran under
+    assert differing == {("eval", "at_start"), ("eval", "every"), ("checkpoint", "every"), ("reward", "credit_truncated")}
+    assert study["reward"]["credit_truncated"] and not demo["reward"]["credit_truncated"]
     assert demo["data"]["eval"]["count"] >= 500
 
 

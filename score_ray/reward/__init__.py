@@ -23,18 +23,29 @@ def _required(record: dict[str, Any], *names: str) -> Optional[str]:
     return None
 
 
+# A response the generator cut at its token cap is not all there: the grader never read its end, so it fails
+# closed. Without this, a loop cut mid-number ("...The final answer is 1") is graded on the fragment.
+TRUNCATED_DETAIL = "response cut at the token cap: its end was never written, so it is not graded"
+
+
 class Grader:
-    """Grades records ``{"kind": "math"|"code", "response", "answer" | "tests", "entry_point"?}``.
+    """Grades records ``{"kind": "math"|"code", "response", "answer" | "tests", "entry_point"?, "truncated"?}``.
 
     Several records run at once (sandboxed programs are separate processes); each
     thread has its own math judge process. Never raises for a bad record: it comes
-    back with status ``error`` and the reason.
+    back with status ``error`` and the reason. A record with ``truncated: true`` (the
+    response hit the generation token cap) is ``wrong`` unless ``credit_truncated``
+    (kept only to re-grade runs made before truncated responses failed closed).
     """
 
-    def __init__(self, limits: SandboxConfig = SandboxConfig(), math_timeout_s: float = 5.0, threads: int = 2):
+    def __init__(
+        self, limits: SandboxConfig = SandboxConfig(), math_timeout_s: float = 5.0, threads: int = 2,
+        credit_truncated: bool = False,
+    ):
         self.limits = limits
         self.math_timeout_s = math_timeout_s
         self.threads = threads
+        self.credit_truncated = credit_truncated
         self._local = threading.local()
         self._judges: list[MathJudge] = []
         self._lock = threading.Lock()
@@ -50,6 +61,8 @@ class Grader:
     def grade_one(self, record: dict[str, Any]) -> GradeResult:
         kind = record.get("kind")
         try:
+            if kind in ("math", "code") and record.get("truncated") and not self.credit_truncated:
+                return GradeResult(0.0, "wrong", 0.0, detail=TRUNCATED_DETAIL)
             if kind == "math":
                 problem = _required(record, "answer")
                 if problem:
@@ -74,4 +87,4 @@ class Grader:
             judge.close()
 
 
-__all__ = ["Grader", "GradeResult", "STATUSES", "grade_code", "grade_math"]
+__all__ = ["Grader", "GradeResult", "STATUSES", "TRUNCATED_DETAIL", "grade_code", "grade_math"]

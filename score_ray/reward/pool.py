@@ -23,8 +23,8 @@ from score_ray.reward import Grader
 
 @ray.remote
 class RewardActor:
-    def __init__(self, limits: SandboxConfig, math_timeout_s: float, threads: int):
-        self.grader = Grader(limits, math_timeout_s, threads)
+    def __init__(self, limits: SandboxConfig, math_timeout_s: float, threads: int, credit_truncated: bool = False):
+        self.grader = Grader(limits, math_timeout_s, threads, credit_truncated)
 
     def timed_grade(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
         start = time.monotonic()
@@ -45,6 +45,7 @@ class RewardPool:
         chunk_size: int = 8,
         max_restarts: int = 3,
         restart_wait_s: float = 300.0,
+        credit_truncated: bool = False,
     ):
         self.chunk_size = chunk_size
         self.restart_wait_s = restart_wait_s
@@ -52,7 +53,7 @@ class RewardPool:
         self.last_busy_seconds = 0.0
         self.actors = [
             RewardActor.options(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=max_restarts)
-            .remote(limits, math_timeout_s, threads_per_worker)
+            .remote(limits, math_timeout_s, threads_per_worker, credit_truncated)
             for _ in range(workers)
         ]
 
@@ -66,6 +67,7 @@ class RewardPool:
             limits=reward_config.sandbox,
             math_timeout_s=reward_config.math_timeout_s,
             max_restarts=reward_config.max_restarts,
+            credit_truncated=reward_config.credit_truncated,
         )
 
     def grade(

@@ -18,13 +18,27 @@ LABELS = {"eval/acc_t1": "Acc@t1", "eval/acc_t2": "Acc@t2", "eval/delta": "Delta
           "eval/delta_i2c": "Delta_i->c", "eval/delta_c2i": "Delta_c->i"}
 
 
-def read_records(path: Path) -> Records:
-    """problem id -> (r1, r2) from a run's eval_final.jsonl."""
+# Where a re-graded report goes: results/<study>/<REGRADED>/, beside the report as the runs graded themselves.
+REGRADED = "truncated_wrong"
+
+
+def read_records(path: Path, truncated_wrong: bool = False) -> Records:
+    """problem id -> (r1, r2) from a run's eval_final.jsonl.
+
+    ``truncated_wrong`` re-grades a run made with ``reward.credit_truncated=true`` as the grader now grades
+    (score_ray.reward.Grader): a response cut at the token cap earns 0. Failing closed only ever takes reward
+    away from cut responses, so the stored rewards of whole ones stand and no text needs grading again.
+    """
     records = {}
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            records[row["id"]] = (float(row["r1"]), float(row["r2"]))
+            r1, r2 = float(row["r1"]), float(row["r2"])
+            if truncated_wrong:
+                if "truncated1" not in row or "truncated2" not in row:
+                    raise ValueError(f"{path}: row {row['id']!r} has no truncated1/truncated2, so it cannot be re-graded")
+                r1, r2 = (0.0 if row["truncated1"] else r1), (0.0 if row["truncated2"] else r2)
+            records[row["id"]] = (r1, r2)
     return records
 
 
@@ -41,10 +55,10 @@ def finished_runs(spec: "StudySpec") -> dict[str, dict[int, Path]]:
     return found
 
 
-def summarise(spec: "StudySpec", runs: dict[str, dict[int, Path]]) -> dict:
+def summarise(spec: "StudySpec", runs: dict[str, dict[int, Path]], truncated_wrong: bool = False) -> dict:
     """The summary.json of the issue's shape: per method its seeds and the five metrics' mean and se, and the
     treated method's gain over the control, paired per problem (over the problems every run evaluated)."""
-    records = {method: [read_records(folder / "eval_final.jsonl") for folder in seeds.values()]
+    records = {method: [read_records(folder / "eval_final.jsonl", truncated_wrong) for folder in seeds.values()]
                for method, seeds in runs.items()}
     problems = common_problems([run for runs_of in records.values() for run in runs_of])
     summary: dict = {"study": spec.name, "n_problems": len(problems), "methods": {}}
@@ -129,16 +143,22 @@ def plot(summary: dict, curves: dict, path: Path, control: str = "base") -> None
     plt.close(fig)
 
 
-def write_report(spec: "StudySpec", show: bool = False) -> dict:
+def write_report(spec: "StudySpec", show: bool = False, truncated_wrong: bool = False) -> dict:
+    """The report under results/<study>/; with ``truncated_wrong``, the runs' evals re-graded with cut responses
+    wrong (read_records), under results/<study>/truncated_wrong/ (summary and table: the training curves in
+    the plot were graded as the runs ran, so it is not redrawn)."""
     runs = finished_runs(spec)
-    out = Path(spec.results_dir) / spec.name
+    out = Path(spec.results_dir) / spec.name / (REGRADED if truncated_wrong else "")
     out.mkdir(parents=True, exist_ok=True)
     if not runs:
         return {}
-    summary = summarise(spec, runs)
+    summary = summarise(spec, runs, truncated_wrong)
+    if truncated_wrong:
+        summary["regraded"] = "responses cut at the token cap counted wrong (eval records re-read, not re-run)"
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(table(summary))
-    plot(summary, eval_curves(runs), out / "plot.png", spec.control)
+    if not truncated_wrong:
+        plot(summary, eval_curves(runs), out / "plot.png", spec.control)
     if show:
         print(table(summary), flush=True)
     return summary
