@@ -14,9 +14,10 @@ demo: setup
 smoke: setup
 	$(PY) -m score_ray.launch --config configs/smoke.yaml
 
-# The CPU study: methods x seeds, resumable (finished runs are skipped); results in results/cpu_study/.
+# The CPU study of the demo's recipe: methods x seeds, resumable (finished runs are skipped); results in
+# results/cpu_study_closed/. The earlier studies run by name: python -m score_ray.study configs/studies/X.yaml
 study: setup
-	$(PY) -m score_ray.study configs/studies/cpu_study.yaml
+	$(PY) -m score_ray.study configs/studies/cpu_study_closed.yaml
 
 # The slowest 15 tests are listed at the end, so a slow machine shows where the time went.
 test: setup
