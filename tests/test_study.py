@@ -197,3 +197,21 @@ def test_a_study_can_start_from_another_and_add_overrides_and_methods(tmp_path):
     (tmp_path / "orphan.yaml").write_text("base: missing.yaml\nname: orphan\n")
     with pytest.raises(SystemExit, match="'missing.yaml' not found"):
         load_study(tmp_path / "orphan.yaml")
+
+
+def test_training_curves_average_each_iteration_over_the_seeds_that_logged_it(tmp_path):
+    import json
+
+    from score_ray.study.report import metric_curves
+
+    rows = {0: [{"iteration": 1, "train/reward_t2": 0.25}, {"iteration": 2, "train/reward_t2": 0.5},
+                {"iteration": 2, "eval/acc_t2": 0.4}],
+            1: [{"iteration": 1, "train/reward_t2": 0.75}]}  # seed 1 stopped after iteration 1
+    folders = {}
+    for seed, logged in rows.items():
+        folders[seed] = tmp_path / f"seed-{seed}"
+        folders[seed].mkdir()
+        (folders[seed] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    curves = metric_curves({"score": folders, "base": {0: tmp_path / "nothing"}},
+                           ("train/reward_t2", "eval/acc_t2", "train/truncated_t1"))
+    assert curves == {"score": {"train/reward_t2": [(1, 0.5), (2, 0.5)], "eval/acc_t2": [(2, 0.4)]}}

@@ -1,6 +1,6 @@
 """A study's report from its finished runs: ``summary.json``, ``table.md`` (the paper's table, mean over
 seeds +- standard error, score_ray.study.stats) and ``plot.png`` (Delta and Acc@t2 per method; held-out
-accuracy over iterations), all under results/<study>/."""
+accuracy, sampled reward and truncation over iterations), all under results/<study>/."""
 
 from __future__ import annotations
 
@@ -88,23 +88,34 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def eval_curves(runs: dict[str, dict[int, Path]]) -> dict[str, list[tuple[int, float, float]]]:
-    """method -> [(iteration, Acc@t1, Acc@t2)] averaged over seeds, from each run's metrics.jsonl."""
-    curves = {}
+def metric_curves(runs: dict[str, dict[int, Path]], keys: tuple[str, ...]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """method -> key -> [(iteration, mean over the seeds that logged it)], from each run's metrics.jsonl."""
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for method, seeds in runs.items():
-        points: dict[int, list[tuple[float, float]]] = {}
+        points: dict[str, dict[int, list[float]]] = {key: {} for key in keys}
         for folder in seeds.values():
             path = folder / "metrics.jsonl"
             if not path.is_file():
                 continue
             for line in path.read_text().splitlines():
                 row = json.loads(line) if line.strip() else {}
-                if "eval/acc_t1" in row:
-                    points.setdefault(row["iteration"], []).append((row["eval/acc_t1"], row["eval/acc_t2"]))
-        if points:
-            curves[method] = [(it, sum(p[0] for p in v) / len(v), sum(p[1] for p in v) / len(v))
-                              for it, v in sorted(points.items())]
+                for key in keys:
+                    if key in row:
+                        points[key].setdefault(row["iteration"], []).append(row[key])
+        found = {key: [(it, sum(v) / len(v)) for it, v in sorted(by_iteration.items())]
+                 for key, by_iteration in points.items() if by_iteration}
+        if found:
+            curves[method] = found
     return curves
+
+
+# the right-hand panels: what the held-out eval saw, and what training sampled (its reward and the share of
+# first attempts cut at the token cap, where every collapsed run of the CPU studies ended)
+CURVE_PANELS = (
+    ("eval/acc_t2", "held-out Acc@t2 (%)", "Held-out accuracy over training"),
+    ("train/reward_t2", "sampled turn-2 reward (%)", "Sampled second-attempt reward in training"),
+    ("train/truncated_t1", "sampled first attempts cut (%)", "First attempts cut at the token cap in training"),
+)
 
 
 def plot(summary: dict, curves: dict, path: Path, control: str = "base") -> None:
@@ -114,7 +125,8 @@ def plot(summary: dict, curves: dict, path: Path, control: str = "base") -> None
     import matplotlib.pyplot as plt
 
     methods = list(summary["methods"])
-    fig, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    bars, panels = axes[0][0], [axes[0][1], axes[1][0], axes[1][1]]
     width = 0.38
     for offset, key, label in ((-width / 2, "eval/delta", "Delta(t1,t2)"), (width / 2, "eval/acc_t2", "Acc@t2")):
         means = [100 * summary["methods"][m][key]["mean"] for m in methods]
@@ -126,18 +138,22 @@ def plot(summary: dict, curves: dict, path: Path, control: str = "base") -> None
     bars.set_title(f"Delta and Acc@t2 per method (+- 1 SE, {summary['n_problems']} problems)")
     bars.legend()
     untrained = summary["methods"].get(control)
-    if untrained is not None:  # the control is every run's model before training: iteration 0 of each curve
-        start = 100 * untrained["eval/acc_t2"]["mean"]
-        lines.axhline(start, color="gray", linestyle="--", linewidth=0.8, label=f"{control} Acc@t2")
-    for method, points in curves.items():
-        if untrained is not None and points[0][0] > 0:
-            points = [(0, untrained["eval/acc_t1"]["mean"], untrained["eval/acc_t2"]["mean"])] + points
-        lines.plot([p[0] for p in points], [100 * p[2] for p in points], marker=".", label=f"{method} Acc@t2")
-    lines.set_xlabel("iteration")
-    lines.set_ylabel("held-out Acc@t2 (%)")
-    lines.set_title("Held-out accuracy over training (mean over seeds)")
-    if curves or untrained is not None:
-        lines.legend(fontsize=8)
+    for axis, (key, ylabel, title) in zip(panels, CURVE_PANELS):
+        if key == "eval/acc_t2" and untrained is not None:
+            # the control is every run's model before training: iteration 0 of each held-out curve
+            axis.axhline(100 * untrained[key]["mean"], color="gray", linestyle="--", linewidth=0.8,
+                         label=f"{control} Acc@t2")
+        for method, by_key in curves.items():
+            points = by_key.get(key, [])
+            if key == "eval/acc_t2" and untrained is not None and points and points[0][0] > 0:
+                points = [(0, untrained[key]["mean"])] + points
+            if points:
+                axis.plot([p[0] for p in points], [100 * p[1] for p in points], marker=".", label=method)
+        axis.set_xlabel("iteration")
+        axis.set_ylabel(ylabel)
+        axis.set_title(f"{title} (mean over seeds)", fontsize=10)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -158,7 +174,7 @@ def write_report(spec: "StudySpec", show: bool = False, truncated_wrong: bool = 
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(table(summary))
     if not truncated_wrong:
-        plot(summary, eval_curves(runs), out / "plot.png", spec.control)
+        plot(summary, metric_curves(runs, tuple(key for key, _, _ in CURVE_PANELS)), out / "plot.png", spec.control)
     if show:
         print(table(summary), flush=True)
     return summary
