@@ -130,7 +130,7 @@ def main() -> None:
         overrides = {"trainable": "all"} if size == "all" else {"trainable": "top_layers",
                                                                  "trainable_top_layers": min(int(size), layers)}
         learner = config.learner.model_copy(update=overrides)
-        group = LearnerGroup(config.model, learner, config.algo, 0, 300, temperature=config.rollout.temperature)
+        group = LearnerGroup(config.model, learner, config.algo, 0, 300)
         # The trainer's own sync (the CPU transport), its learner timed.
         timed = _TimedLearner(group)
         sync = ObjectStoreSync(timed, [generator])

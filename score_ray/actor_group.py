@@ -102,8 +102,7 @@ class ActorGroup:
         timeout = config.cluster.resource_timeout_s
         if os.environ.get("SCORE_RAY_AUTOSCALING"):
             timeout = max(timeout, 1800.0)
-        return LearnerGroup(config.model, config.learner, config.algo, config.run.seed, timeout,
-                            temperature=config.rollout.temperature)
+        return LearnerGroup(config.model, config.learner, config.algo, config.run.seed, timeout)
 
     def record_placement(self, iteration: int, reason: str) -> None:
         """Append where every role runs now to the run folder's nodes.json (the driver's node included)."""
@@ -235,14 +234,15 @@ class ActorGroup:
     def _references(self) -> list:
         return [] if self.reference is None else [self.reference]
 
-    def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]]) -> tuple[list[list[float]], float]:
-        """(the frozen reference's log-probs at the ``select``-ed positions, its compute seconds)."""
+    def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
+                           temperatures: list[list[float]]) -> tuple[list[list[float]], float]:
+        """(the frozen reference's log-probs at the ``select``-ed positions, each at its own sampling temperature,
+        its compute seconds)."""
         from score_ray.learner import gather
 
         if self.reference is None:  # the learner ranks serve it from their shared trunk
-            return self.learner.reference_logprobs(sequences, select, self.config.rollout.temperature)
-        result = gather([self.reference.sequence_logprobs.remote(sequences, select, self.config.rollout.temperature)],
-                        "reference")[0]
+            return self.learner.reference_logprobs(sequences, select, temperatures)
+        result = gather([self.reference.sequence_logprobs.remote(sequences, select, temperatures)], "reference")[0]
         return result, gather([self.reference.last_call_seconds.remote()], "reference")[0]
 
     def shutdown(self) -> None:

@@ -222,6 +222,10 @@ class RolloutConfig(_Strict):
         "measured against the other corrections of the same first attempt, and turn 1 is trained once per attempt"
     )
     temperature: float = Field(1.0, gt=0.0, le=2.0)
+    temperature_turn1: Optional[float] = Field(
+        None, gt=0.0, le=2.0, description="the first attempt's sampling temperature (null: rollout.temperature); "
+        "a hotter first attempt gives the second more wrong answers to fix. Evals decode both greedily"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens_turn1: int = Field(256, ge=1)
     max_tokens_turn2: int = Field(256, ge=1)
@@ -239,6 +243,12 @@ class RolloutConfig(_Strict):
     overlap: bool = Field(
         False, description="generate iteration k+1 while the learner trains on k (one step off-policy)"
     )
+
+    @property
+    def turn_temperatures(self) -> tuple[float, float]:
+        """The sampling temperatures of the first and the second attempt."""
+        first = self.temperature if self.temperature_turn1 is None else self.temperature_turn1
+        return first, self.temperature
 
     @field_validator("resources")
     @classmethod

@@ -42,6 +42,9 @@ class Episode:
     # which of the second attempts at this y1 this is (0 .. rollout.turn2_samples - 1): the episodes of one y1
     # share x1, y1 and x2, and only branch 0 trains turn 1
     branch: int = 0
+    # the temperature each response was sampled at (0: greedy); the learner scores each turn at its own
+    y1_temperature: float = 1.0
+    y2_temperature: float = 1.0
     # rewards of y1 and y2, set on held-out eval episodes (training keeps them beside the batch)
     r1: Optional[float] = None
     r2: Optional[float] = None
@@ -65,6 +68,9 @@ class Episode:
 
     def response_text(self, turn: int) -> str:
         return self._pick(turn, self.y1_text, self.y2_text)
+
+    def temperature(self, turn: int) -> float:
+        return self._pick(turn, self.y1_temperature, self.y2_temperature)
 
     def truncated(self, turn: int) -> bool:
         return self._pick(turn, self.y1_truncated, self.y2_truncated)

@@ -31,7 +31,7 @@ from score_ray import algo
 from score_ray.config import AlgoConfig, LearnerConfig, ModelConfig
 from score_ray.faults import LearnerLost
 from score_ray.placement import kill_actors
-from score_ray.samples import POSITION_FIELDS, LearnerSample
+from score_ray.samples import POSITION_FIELDS, LearnerSample, PositionTemperatures
 
 # What a training step sums over micro-batches and ranks (the trainer divides by "tokens").
 # trunk_batches / filled_batches: micro-batches that ran the top blocks alone on a kept trunk, of those with samples.
@@ -120,12 +120,10 @@ class LearnerWorker:
         learner: LearnerConfig,
         algo_config: AlgoConfig,
         seed: int,
-        temperature: float = 1.0,
     ):
         self.rank, self.world_size = rank, world_size
         self.model_config = model
         self.seed, self.dtype = seed, model.dtype
-        self.temperature = temperature  # score at the sampling temperature (see score_ray.modeling)
         self.learner, self.algo = learner, algo_config
 
     def rendezvous(self) -> tuple[str, int]:
@@ -246,8 +244,10 @@ class LearnerWorker:
             if not bool(select.any()):
                 select[0, 0] = True  # keep the forward (ZeRO-3 gathers happen in it); its loss weight is 0
             # Only trained tokens go through the LM head; the fields are flattened the same way.
+            # each position at its turn's sampling temperature (score_ray.modeling); 1 where nothing is scored
+            temperature = torch.where(fields["temperature"] > 0, fields["temperature"], 1.0).to(device)
             logp, entropy, from_trunk = self._policy_logprobs(batch, ids.to(device), attention.to(device),
-                                                              select.to(device))
+                                                              select.to(device), temperature)
             sums["trunk_batches"] += float(from_trunk)
             sums["filled_batches"] += float(bool(batch))
             fields = {k: v[select].to(device) for k, v in fields.items()}
@@ -276,7 +276,7 @@ class LearnerWorker:
         sums["applied"] = float(self.engine.was_step_applied())
         return sums
 
-    def _policy_logprobs(self, batch: list[LearnerSample], ids, attention, select):
+    def _policy_logprobs(self, batch: list[LearnerSample], ids, attention, select, temperature):
         """(the policy's log-probs with gradient, entropies, whether they came from a kept trunk) at ``select``:
         from the trunk this rank kept for the batch's sequences in ``reference_logprobs`` (the top blocks
         alone), else the whole model."""
@@ -287,17 +287,17 @@ class LearnerWorker:
         kept = [self.trunk_cache.get(tuple(sample.input_ids)) for sample in batch]
         if not batch or any(trunk is None for trunk in kept):
             return (*selected_token_logprobs(self.engine, ids, attention, select, with_entropy=True,
-                                             temperature=self.temperature), False)
+                                             temperature=temperature), False)
         trunk = torch.zeros((*ids.shape, kept[0].shape[-1]), dtype=kept[0].dtype, device=ids.device)
         for row, hidden in enumerate(kept):
             trunk[row, : hidden.shape[0]] = hidden
         decoder = self.engine.module.get_decoder()
         return (*top_logprobs(self.engine, trunk, ids, attention, select, decoder.layers[self.cut:], decoder.norm,
-                              with_entropy=True, temperature=self.temperature), True)
+                              with_entropy=True, temperature=temperature), True)
 
     # ------------------------------------------------------------------ log-probs and weights
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
-                           temperature: float = 1.0) -> tuple[list[list[float]], float]:
+                           temperature: PositionTemperatures = 1.0) -> tuple[list[list[float]], float]:
         """(the base model's log-probs at the ``select``-ed positions, compute seconds), from one pass through
         the frozen trunk and the reference's copies of the top blocks (learner.share_trunk). The trunk's
         hidden states are kept until the next call (every pass of the iteration's step can use them), and
@@ -311,11 +311,11 @@ class LearnerWorker:
         module, (layers, norm) = self.engine.module, self.reference_top
         self.trunk_cache = {}
 
-        def score_batch(ids, mask, flags, batch):
+        def score_batch(ids, mask, flags, batch, batch_temperature):
             trunk = trunk_hidden(module, ids, mask, self.cut)
             for row, index in enumerate(batch):
                 self.trunk_cache[tuple(sequences[index])] = trunk[row, : len(sequences[index])].clone()
-            return top_logprobs(module, trunk, ids, mask, flags, layers, norm, temperature=temperature)[0]
+            return top_logprobs(module, trunk, ids, mask, flags, layers, norm, temperature=batch_temperature)[0]
 
         with torch.no_grad():
             result = sequence_logprobs(module, sequences, self.pad_id, max_tokens=self.learner.micro_batch_tokens,
@@ -430,9 +430,11 @@ class ReferenceActor:
         return this_node()
 
     def sequence_logprobs(
-        self, sequences: list[list[int]], select: Optional[list[list[float]]] = None, temperature: float = 1.0
+        self, sequences: list[list[int]], select: Optional[list[list[float]]] = None,
+        temperature: PositionTemperatures = 1.0,
     ) -> list[list[float]]:
-        """Log-probs of every position, or only of the ``select``-ed ones (the rest 0), at ``temperature``."""
+        """Log-probs of every position, or only of the ``select``-ed ones (the rest 0), at ``temperature``
+        (one, or each position's own)."""
         from score_ray.modeling import sequence_logprobs
 
         start = time.monotonic()
@@ -475,8 +477,7 @@ def split_micro_batches(samples: Sequence[LearnerSample], ranks: int, max_tokens
 class LearnerGroup:
     """Places N learner ranks (a placement group with a timeout) and drives them together."""
 
-    def __init__(self, model: ModelConfig, learner: LearnerConfig, algo_config: AlgoConfig, seed: int, timeout_s: float,
-                 temperature: float = 1.0):
+    def __init__(self, model: ModelConfig, learner: LearnerConfig, algo_config: AlgoConfig, seed: int, timeout_s: float):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -498,7 +499,7 @@ class LearnerGroup:
                 num_gpus=learner.gpus_per_rank,
                 resources=dict(learner.resources),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-            ).remote(rank, learner.num_ranks, model, learner, algo_config, seed, temperature)
+            ).remote(rank, learner.num_ranks, model, learner, algo_config, seed)
             for rank in range(learner.num_ranks)
         ]
         try:
@@ -540,13 +541,15 @@ class LearnerGroup:
         gather([w.nccl_send.remote() for w in self.workers])
 
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
-                           temperature: float = 1.0) -> tuple[list[list[float]], float]:
+                           temperature: PositionTemperatures = 1.0) -> tuple[list[list[float]], float]:
         """The reference's log-probs from the ranks' shared trunk (learner.share_trunk), each rank scoring the
         share it will train on; (log-probs in the order given, the slowest rank's compute seconds)."""
         shares = deal_to_ranks([len(s) for s in sequences], len(self.workers))
-        results = gather([worker.reference_logprobs.remote([sequences[i] for i in share], [select[i] for i in share],
-                                                           temperature)
-                          for worker, share in zip(self.workers, shares)])
+        per_position = not isinstance(temperature, (int, float))
+        results = gather([worker.reference_logprobs.remote(
+            [sequences[i] for i in share], [select[i] for i in share],
+            [temperature[i] for i in share] if per_position else temperature,
+        ) for worker, share in zip(self.workers, shares)])
         merged: list[list[float]] = [[] for _ in sequences]
         for share, (logps, _) in zip(shares, results):
             for index, logp in zip(share, logps):

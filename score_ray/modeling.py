@@ -5,15 +5,20 @@ sequence of n tokens has n - 1 log-probs (position 0 has none). Log-probs are ta
 at the sampling temperature (logits / T) with no truncation: the distribution vLLM
 samples from and reports with ``logprobs_mode="processed_logprobs"``. Scoring at
 T = 1 while sampling at T = 0.7 would compare different distributions (a KL that is
-not zero at step 0, a PPO ratio that is not 1 on-policy).
+not zero at step 0, a PPO ratio that is not 1 on-policy). A temperature is one number for every
+position, or a tensor [B, T - 1] of each position's own (rollout.temperature_turn1 samples the first
+attempt hotter than the second, so one sequence holds tokens of two temperatures).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
+
+# one temperature for every position, or each position's own: [B, T - 1], aligned with the log-probs
+Temperature = Union[float, torch.Tensor]
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
@@ -35,11 +40,12 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device="cpu") -> 
 
 
 def batch_token_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False, temperature: float = 1.0
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False,
+    temperature: Temperature = 1.0,
 ):
     """[B, T-1] log-probs of each next token (and the full-distribution entropy when asked)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    logits = logits / temperature
+    logits = logits / (temperature.unsqueeze(-1) if torch.is_tensor(temperature) else temperature)
     # gather - logsumexp avoids materialising a second [B, T, vocab] tensor when no entropy is needed
     normaliser = torch.logsumexp(logits, dim=-1)
     taken = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - normaliser
@@ -52,7 +58,7 @@ def batch_token_logprobs(
 
 
 def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
-                            with_entropy: bool = False, temperature: float = 1.0):
+                            with_entropy: bool = False, temperature: Temperature = 1.0):
     """Log-probs (and entropies) only at positions where ``select`` [B, T-1] is set, flattened in row order.
 
     The LM head over a 49k-token vocabulary costs more than the transformer body for small models;
@@ -78,9 +84,11 @@ def final_hidden(model, **inputs) -> torch.Tensor:
 
 
 def head_logprobs(model, hidden: torch.Tensor, input_ids: torch.Tensor, select: torch.Tensor,
-                  with_entropy: bool = False, temperature: float = 1.0):
+                  with_entropy: bool = False, temperature: Temperature = 1.0):
     """The LM head at the ``select``-ed positions of the final (normed) hidden states [B, T, H]."""
     chosen = select.bool()
+    if torch.is_tensor(temperature):
+        temperature = temperature.to(hidden.device)[chosen].unsqueeze(-1)
     logits = model.get_output_embeddings()(hidden[:, :-1][chosen]).float() / temperature
     targets = input_ids[:, 1:][chosen]
     normaliser = torch.logsumexp(logits, dim=-1)
@@ -136,7 +144,7 @@ def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
 
 def top_logprobs(model, trunk: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  select: torch.Tensor, layers: torch.nn.ModuleList, norm: torch.nn.Module,
-                 with_entropy: bool = False, temperature: float = 1.0):
+                 with_entropy: bool = False, temperature: Temperature = 1.0):
     """``selected_token_logprobs`` from the trunk's hidden states through ``layers`` and ``norm`` (the model's
     own top blocks, or the reference's copies of them). ``model`` may be a DeepSpeed engine (see above)."""
     with decoder_blocks(model, layers, norm):
@@ -165,21 +173,28 @@ def sequence_logprobs(
     pad_id: int,
     max_tokens: int = 8192,
     select: Optional[Sequence[Sequence[float]]] = None,
-    temperature: float = 1.0,
-    score_batch: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int]], torch.Tensor]] = None,
+    temperature: Union[float, Sequence[Sequence[float]]] = 1.0,
+    score_batch: Optional[Callable[..., torch.Tensor]] = None,
 ) -> list[list[float]]:
     """Per-sequence lists of next-token log-probs (len n - 1), computed in token-bounded batches.
 
     With ``select`` (per sequence, n - 1 flags) only flagged positions are computed; the others are 0.
-    ``score_batch(ids, mask, flags, batch)`` computes them for one padded batch (``batch``: the sequences'
-    indices) in place of the whole model's forward (the learner's shared trunk).
+    ``temperature`` is one number, or per sequence its n - 1 positions' own (``position_temperatures``).
+    ``score_batch(ids, mask, flags, batch, temperature)`` computes them for one padded batch (``batch``: the
+    sequences' indices) in place of the whole model's forward (the learner's shared trunk).
     """
     device = next(model.parameters()).device
     result: list[list[float]] = [[] for _ in sequences]
     for batch in token_budget_batches([len(s) for s in sequences], max_tokens):
         ids, mask = pad_batch([sequences[i] for i in batch], pad_id, device)
+        batch_temperature = temperature
+        if not isinstance(temperature, (int, float)):
+            batch_temperature = torch.ones((len(batch), ids.shape[1] - 1), dtype=torch.float32)
+            for row, index in enumerate(batch):
+                batch_temperature[row, : len(temperature[index])] = torch.tensor(temperature[index], dtype=torch.float32)
+            batch_temperature = batch_temperature.to(device)
         if select is None:
-            logp, _ = batch_token_logprobs(model, ids, mask, temperature=temperature)
+            logp, _ = batch_token_logprobs(model, ids, mask, temperature=batch_temperature)
             for row, index in enumerate(batch):
                 result[index] = logp[row, : len(sequences[index]) - 1].tolist()
             continue
@@ -187,9 +202,9 @@ def sequence_logprobs(
         for row, index in enumerate(batch):
             flags[row, : len(select[index])] = torch.tensor([bool(v) for v in select[index]])
         if score_batch is None:
-            chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device), temperature=temperature)
+            chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device), temperature=batch_temperature)
         else:
-            chosen = score_batch(ids, mask, flags.to(device), batch)
+            chosen = score_batch(ids, mask, flags.to(device), batch, batch_temperature)
         chosen = chosen.tolist()
         cursor = 0
         for row, index in enumerate(batch):

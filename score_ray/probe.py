@@ -3,8 +3,9 @@
 What a recipe gives the model to learn from, measured on the config's TRAINING problems (choose settings
 here; the held-out split is for final numbers): greedy two-turn (the eval's decoding) with the five
 metrics and how often the second attempt changes the final answer, and K sampled two-turn episodes per
-problem at rollout.temperature (what training sees): rewards per turn, how often a wrong first attempt is
-fixed and a right one broken, lengths and truncation per turn.
+problem at the rollout's turn temperatures (rollout.temperature_turn1, rollout.temperature; what training
+sees): rewards per turn, how often a wrong first attempt is fixed and a right one broken, lengths and
+truncation per turn.
 """
 
 from __future__ import annotations

@@ -183,14 +183,13 @@ class GeneratorActor:
         return this_node()
 
     # ------------------------------------------------------------------ generation
-    def _params(self, max_tokens: int, greedy: bool, n: int = 1, seed: Optional[int] = None):
+    def _params(self, max_tokens: int, temperature: float, n: int = 1, seed: Optional[int] = None):
         from vllm import SamplingParams
 
-        if greedy:
+        if temperature == 0.0:
             return SamplingParams(n=n, temperature=0.0, max_tokens=max_tokens, logprobs=0)
         return SamplingParams(
-            n=n, temperature=self.rollout.temperature, top_p=self.rollout.top_p, max_tokens=max_tokens, logprobs=0,
-            seed=seed,
+            n=n, temperature=temperature, top_p=self.rollout.top_p, max_tokens=max_tokens, logprobs=0, seed=seed,
         )
 
     def generate(
@@ -225,10 +224,11 @@ class GeneratorActor:
         if seeds is None or greedy:
             seeds = [None] * len(problems)
         samples, turn2_samples = (1, 1) if greedy else (samples, turn2_samples)
+        temperature1, temperature2 = (0.0, 0.0) if greedy else self.rollout.turn_temperatures
         turn1_prompts = [self.prompter.turn1_ids(problem) for problem in problems]
         first = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in turn1_prompts],
-            [self._params(self.rollout.max_tokens_turn1, greedy, n=samples, seed=seed) for seed in seeds],
+            [self._params(self.rollout.max_tokens_turn1, temperature1, n=samples, seed=seed) for seed in seeds],
             use_tqdm=False,
         )
         episodes, turn2_seeds = [], []
@@ -238,6 +238,7 @@ class GeneratorActor:
                 episodes.append(Episode(
                     problem=problem, sample=index, x1=x1, y1=y1, y1_logp=_logprobs_of(sample),
                     y1_truncated=sample.finish_reason == "length", x2=self.prompter.turn2_ids(problem.kind, x1, y1),
+                    y1_temperature=temperature1, y2_temperature=temperature2,
                 ))
                 # vLLM seeds the n samples of a request with seed + index: turn 2's seeds continue past turn 1's,
                 # turn2_samples apart
@@ -252,8 +253,8 @@ class GeneratorActor:
                     f"rollout.max_model_len={limit} leaves no room: raise it or lower rollout.max_tokens_turn1"
                 )
             second_prompts.append(TokensPrompt(prompt_token_ids=episode.x2))
-            second_params.append(self._params(min(self.rollout.max_tokens_turn2, room), greedy, n=turn2_samples,
-                                              seed=seed))
+            second_params.append(self._params(min(self.rollout.max_tokens_turn2, room), temperature2,
+                                              n=turn2_samples, seed=seed))
         second = self.llm.generate(second_prompts, second_params, use_tqdm=False)
         branched = []
         for episode, output in zip(episodes, second):

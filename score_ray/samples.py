@@ -10,12 +10,12 @@ trained with advantage 1 and no KL (``supervised_credit``): a token-level cross-
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Sequence, Union
 
 from score_ray.episode import TURNS, Episode
 
 # The per-position fields of a LearnerSample, in the order the learner collates them.
-POSITION_FIELDS = ("loss_mask", "advantage", "kl_coef", "old_logp", "ref_logp")
+POSITION_FIELDS = ("loss_mask", "advantage", "kl_coef", "old_logp", "ref_logp", "temperature")
 
 
 @dataclass
@@ -29,6 +29,26 @@ class LearnerSample:
     kl_coef: list[float]  # the turn's KL coefficient (0 when the KL is in the reward)
     old_logp: list[float]  # the sampler's log-probs (PPO's ratio, the off-policy weight)
     ref_logp: list[float]  # the frozen reference's log-probs (the KL)
+    temperature: list[float]  # the temperature each position is scored at: its turn's sampling temperature
+
+
+# one scoring temperature for every position, or per sequence each position's own (``position_temperatures``)
+PositionTemperatures = Union[float, Sequence[Sequence[float]]]
+
+
+def position_temperatures(episode: Episode) -> list[float]:
+    """The temperature each log-prob position of an episode is scored at: its turn's sampling temperature at
+    the tokens of y1 and y2, 1.0 at the prompts' (never scored). A greedy response has no distribution to
+    score, so an episode with one is refused."""
+    temperatures = [1.0] * (len(episode.sequence) - 1)
+    for turn in TURNS:
+        temperature = episode.temperature(turn)
+        if temperature <= 0.0:
+            raise ValueError(f"episode of {episode.problem.id}: turn {turn} was decoded greedily (temperature "
+                             f"{temperature}); only sampled episodes are trained")
+        start, end = episode.turn_span(turn)
+        temperatures[start:end] = [temperature] * (end - start)
+    return temperatures
 
 
 def trained_positions(episode: Episode) -> list[float]:
@@ -63,7 +83,7 @@ def build_samples(
                 raise ValueError(f"episode of {episode.problem.id}: turn {turn} has {end - start} tokens but "
                                  f"{len(logp)} sampler log-probs")
             old[start:end] = logp
-        samples.append(LearnerSample(episode.sequence, mask, advantage, coef, old, ref))
+        samples.append(LearnerSample(episode.sequence, mask, advantage, coef, old, ref, position_temperatures(episode)))
     return samples
 
 
@@ -96,12 +116,13 @@ def pair_sft_episodes(episodes: Sequence[Episode], r1: Sequence[float], r2: Sequ
         for turn, reward in ((1, a), (2, b)):
             if reward >= 0.5 and episode.problem.id not in right:
                 right[episode.problem.id] = (episode.response(turn), episode.response_logp(turn),
-                                             episode.response_text(turn))
+                                             episode.response_text(turn), episode.temperature(turn))
     paired = []
     for episode, a in zip(episodes, r1):
         if a < 0.5 and episode.problem.id in right:
-            tokens, logp, text = right[episode.problem.id]
-            paired.append(replace(episode, y2=list(tokens), y2_logp=list(logp), y2_text=text, y2_truncated=False))
+            tokens, logp, text, temperature = right[episode.problem.id]
+            paired.append(replace(episode, y2=list(tokens), y2_logp=list(logp), y2_text=text, y2_truncated=False,
+                                  y2_temperature=temperature))
     return paired
 
 

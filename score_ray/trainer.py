@@ -49,6 +49,7 @@ from score_ray.samples import (
     build_samples,
     first_attempt_groups,
     pair_sft_episodes,
+    position_temperatures,
     star_episodes,
     supervised_credit,
     trained_positions,
@@ -290,7 +291,8 @@ class Trainer:
         """The reference's log-probs of the first ``sampled`` episodes, of the rest (the baselines' chosen ones),
         and its compute seconds. The KL needs them at the trained positions only."""
         ref_logps, seconds = self.actors.reference_logprobs([e.sequence for e in episodes],
-                                                            [trained_positions(e) for e in episodes])
+                                                            [trained_positions(e) for e in episodes],
+                                                            [position_temperatures(e) for e in episodes])
         return ref_logps[:sampled], ref_logps[sampled:], seconds
 
     def credit(self, stage: int, episodes: list[Episode], ref_logps: list[list[float]], r1: list[float],

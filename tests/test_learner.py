@@ -8,7 +8,8 @@ from score_ray.samples import POSITION_FIELDS, LearnerSample
 def sample(length: int, tag: float = 1.0) -> LearnerSample:
     width = length - 1
     return LearnerSample(input_ids=list(range(1, length + 1)), loss_mask=[1.0] * width, advantage=[tag] * width,
-                         kl_coef=[0.0] * width, old_logp=[-0.5] * width, ref_logp=[-0.25] * width)
+                         kl_coef=[0.0] * width, old_logp=[-0.5] * width, ref_logp=[-0.25] * width,
+                         temperature=[0.7] * width)
 
 
 def test_ranks_get_the_same_number_of_token_bounded_micro_batches_and_every_sample_once():

@@ -1,11 +1,19 @@
-"""The decoder split at a layer (learner.share_trunk) computes what the whole model computes."""
+"""Token log-probs at each position's own temperature, and the decoder split at a layer (learner.share_trunk)
+computes what the whole model computes."""
 
 import copy
 
 import pytest
 import torch
 
-from score_ray.modeling import check_splittable, selected_token_logprobs, top_logprobs, trunk_hidden
+from score_ray.modeling import (
+    batch_token_logprobs,
+    check_splittable,
+    selected_token_logprobs,
+    sequence_logprobs,
+    top_logprobs,
+    trunk_hidden,
+)
 
 
 @pytest.fixture
@@ -27,6 +35,31 @@ def batch():
     select[0, 4:] = True
     select[1, 3:7] = True
     return ids, mask, select
+
+
+def test_each_position_is_scored_at_its_own_temperature_on_every_path(model):
+    """Positions before 6 at 1.3 (a hot first attempt), the rest at 0.7: each equals one-temperature scoring of
+    that position, on the full pass, the selected-positions head, the split decoder and the list API."""
+    ids, mask, select = batch()
+    temperature = torch.full((2, 11), 0.7)
+    temperature[:, :6] = 1.3
+    hot, cool = (batch_token_logprobs(model, ids, mask, temperature=t)[0] for t in (1.3, 0.7))
+    expected = torch.where(temperature == 1.3, hot, cool)
+    assert (hot - cool).abs().max() > 1e-2  # the two temperatures really differ
+    full, _ = batch_token_logprobs(model, ids, mask, temperature=temperature)
+    assert torch.allclose(full, expected, atol=1e-6)
+    chosen, _ = selected_token_logprobs(model, ids, mask, select, temperature=temperature)
+    assert torch.allclose(chosen, expected[select], atol=1e-6)
+    decoder = model.get_decoder()
+    split, _ = top_logprobs(model, trunk_hidden(model, ids, mask, 2), ids, mask, select, decoder.layers[2:],
+                            decoder.norm, temperature=temperature)
+    assert torch.allclose(split, expected[select], atol=1e-6)
+    lengths = [12, 8]
+    sequences = [ids[row, :n].tolist() for row, n in enumerate(lengths)]
+    listed = sequence_logprobs(model, sequences, pad_id=0, temperature=[temperature[row, : n - 1].tolist()
+                                                                        for row, n in enumerate(lengths)])
+    for row, n in enumerate(lengths):
+        assert torch.allclose(torch.tensor(listed[row]), expected[row, : n - 1], atol=1e-5)
 
 
 @pytest.mark.parametrize("cut", [0, 1, 3])

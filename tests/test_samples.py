@@ -4,7 +4,14 @@ import pytest
 
 from score_ray.data import Problem
 from score_ray.episode import Episode
-from score_ray.samples import build_samples, first_attempt_groups, trained_positions, turn_kl_sums
+from score_ray.samples import (
+    build_samples,
+    first_attempt_groups,
+    pair_sft_episodes,
+    position_temperatures,
+    trained_positions,
+    turn_kl_sums,
+)
 
 PROBLEM = Problem(id="p0", kind="math", prompt="1 + 1", answer="2")
 
@@ -30,6 +37,23 @@ def test_samples_train_exactly_the_sampled_tokens_of_each_turn():
     kl1, kl2 = turn_kl_sums(episode, ref)
     assert kl1 == pytest.approx((-0.4 + 3.0) + (-0.5 + 4.0))
     assert kl2 == pytest.approx(-0.8 + 7.0)
+
+
+def test_each_turn_is_scored_at_the_temperature_it_was_sampled_at():
+    episode = Episode(problem=PROBLEM, sample=0, x1=[1, 2, 3], y1=[4, 5], y1_logp=[-0.4, -0.5], y1_truncated=False,
+                      x2=[1, 2, 3, 4, 5, 6, 7], y2=[8], y2_logp=[-0.8], y1_temperature=1.2, y2_temperature=0.7)
+    assert position_temperatures(episode) == [1.0, 1.0, 1.2, 1.2, 1.0, 1.0, 0.7]  # prompts: 1, never scored
+    (sample,) = build_samples([episode], [[0.0] * 7], {"adv1": [1.0], "adv2": [1.0], "kl_coef1": [0.0],
+                                                       "kl_coef2": [0.0]})
+    assert sample.temperature == position_temperatures(episode)
+    # Pair-SFT's second turn is a first attempt: it keeps the temperature it was sampled at.
+    wrong = Episode(problem=PROBLEM, sample=1, x1=[1, 2, 3], y1=[9], y1_logp=[-2.0], y1_truncated=False,
+                    x2=[1, 2, 3, 9, 6, 7], y2=[9], y2_logp=[-1.0], y1_temperature=1.2, y2_temperature=0.7)
+    (paired,) = pair_sft_episodes([episode, wrong], r1=[1.0, 0.0], r2=[1.0, 0.0])
+    assert paired.y2 == [4, 5] and paired.y2_temperature == 1.2
+    with pytest.raises(ValueError, match="p0: turn 2 was decoded greedily"):
+        position_temperatures(Episode(problem=PROBLEM, sample=0, x1=[1], y1=[2], y1_logp=[-1.0], y1_truncated=False,
+                                      x2=[1, 2, 3], y2=[4], y2_logp=[-1.0], y2_temperature=0.0))
 
 
 def test_second_attempts_at_one_first_attempt_train_its_turn_one_once():

@@ -20,7 +20,7 @@ def group_and_reference(ray_local):
     assert config.learner.shares_trunk and config.learner.num_ranks == 2
     resolve_model_path(config.model.path, config.model.tiny.model_dump())
     reference = ReferenceActor.options(num_cpus=0.5).remote(config.model, 0.5)
-    group = LearnerGroup(config.model, config.learner, config.algo, 0, 120, temperature=0.7)
+    group = LearnerGroup(config.model, config.learner, config.algo, 0, 120)
     ray.get(reference.ready.remote())
     yield config, group, reference
     group.shutdown()
@@ -34,11 +34,17 @@ def sequences_and_selects(count=6, seed=0):
     return sequences, selects
 
 
+def turn_temperatures(sequences):
+    """Two "turns" per sequence: positions before 9 sampled at 1.3, the rest at 0.7 (rollout.temperature_turn1)."""
+    return [[1.3] * 9 + [0.7] * (len(s) - 10) for s in sequences]
+
+
 def samples_for(sequences, selects, refs):
     from score_ray.samples import LearnerSample
 
     return [LearnerSample(input_ids=s, loss_mask=m, advantage=[1.0] * len(m), kl_coef=[0.1] * len(m),
-                          old_logp=r, ref_logp=r) for s, m, r in zip(sequences, selects, refs)]
+                          old_logp=r, ref_logp=r, temperature=t)
+            for s, m, r, t in zip(sequences, selects, refs, turn_temperatures(sequences))]
 
 
 def test_the_ranks_reference_log_probs_are_the_reference_actors_before_and_after_the_policy_moves(group_and_reference):
@@ -46,16 +52,20 @@ def test_the_ranks_reference_log_probs_are_the_reference_actors_before_and_after
 
     config, group, reference = group_and_reference
     sequences, selects = sequences_and_selects()
-    expected = ray.get(reference.sequence_logprobs.remote(sequences, selects, 0.7))
+    temperatures = turn_temperatures(sequences)
+    expected = ray.get(reference.sequence_logprobs.remote(sequences, selects, temperatures))
+    # each position at its own temperature: not the log-probs of one temperature throughout
+    assert not np.allclose(expected[0], ray.get(reference.sequence_logprobs.remote(sequences, selects, 0.7))[0],
+                           atol=1e-3)
     for _ in range(2):
-        shared, seconds = group.reference_logprobs(sequences, selects, 0.7)
+        shared, seconds = group.reference_logprobs(sequences, selects, temperatures)
         assert seconds > 0
         for got, want in zip(shared, expected):
             assert np.allclose(got, want, atol=1e-5)
         stats = group.train_step(samples_for(sequences, selects, shared))
         assert stats["applied"] == 1.0 and stats["trunk_batches"] == stats["filled_batches"] > 0
     # The policy moved away from the reference, so the comparison above could fail.
-    policy = group.sequence_logprobs(sequences, 0.7)
+    policy = group.sequence_logprobs(sequences, temperatures)
     start = 5
     assert max(abs(a - b) for a, b in zip(policy[0][start:], expected[0][start:])) > 1e-2
 
@@ -64,7 +74,7 @@ def test_a_step_on_the_kept_trunk_is_the_step_of_the_whole_model(group_and_refer
     config, group, reference = group_and_reference
     sequences, selects = sequences_and_selects(seed=1)
     group.save_checkpoint(str(tmp_path), "start")
-    refs, _ = group.reference_logprobs(sequences, selects, 0.7)
+    refs, _ = group.reference_logprobs(sequences, selects, turn_temperatures(sequences))
     on_trunk = group.train_step(samples_for(sequences, selects, refs))
     assert on_trunk["trunk_batches"] == on_trunk["filled_batches"] > 0  # every micro-batch found its trunk
     group.load_checkpoint(str(tmp_path), "start")

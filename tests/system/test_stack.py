@@ -17,13 +17,14 @@ def stack(request, ray_local):
     from score_ray.rollout import GeneratorActor
 
     # trainable=all: the tied embedding changes too, the trap where vLLM keeps a stale packed LM head.
-    # Sampling at 0.7: the learner must score at the same temperature for the sampler's log-probs to match.
+    # First attempts sampled at 1.3, second at 0.7: the learner must score each turn at its own temperature for
+    # the sampler's log-probs to match.
     config = load_config("smoke", [f"learner.zero_stage={request.param}", "learner.trainable=all", "learner.lr=2e-4",
-                                   "rollout.temperature=0.7"])
+                                   "rollout.temperature=0.7", "rollout.temperature_turn1=1.3"])
     resolve_model_path(config.model.path, config.model.tiny.model_dump())  # built once, before the actors
     generator = GeneratorActor.options(num_cpus=0.5).remote(config.model, config.rollout, config.prompts, 0)
     reference = ReferenceActor.options(num_cpus=0.5).remote(config.model, 0.5)
-    group = LearnerGroup(config.model, config.learner, config.algo, 0, 120, temperature=config.rollout.temperature)
+    group = LearnerGroup(config.model, config.learner, config.algo, 0, 120)
     ray.get([generator.ready.remote(), reference.ready.remote()])
     yield config, generator, reference, group
     group.shutdown()
@@ -46,13 +47,14 @@ def generate(generator, problems, samples):
 
 def sample_for(episode, ref, advantage):
     """A learner sample training y2 alone, with one advantage everywhere."""
-    from score_ray.samples import LearnerSample
+    from score_ray.samples import LearnerSample, position_temperatures
 
     start, end = episode.turn_span(2)
     width = len(episode.sequence) - 1
     mask = [0.0] * start + [1.0] * (end - start)
     return LearnerSample(input_ids=episode.sequence, loss_mask=mask, advantage=[advantage] * width,
-                         kl_coef=[0.0] * width, old_logp=[0.0] * width, ref_logp=ref)
+                         kl_coef=[0.0] * width, old_logp=[0.0] * width, ref_logp=ref,
+                         temperature=position_temperatures(episode))
 
 
 def trainable_weights(group) -> bytes:
@@ -63,7 +65,11 @@ def trainable_weights(group) -> bytes:
     return buffer.tobytes()
 
 
-def test_episodes_are_two_turns_built_from_sampled_ids(stack):
+def test_episodes_are_two_turns_built_from_sampled_ids_scored_at_each_turns_temperature(stack):
+    import ray
+
+    from score_ray.samples import LearnerSample, position_temperatures, trained_positions
+
     config, generator, reference, group = stack
     episodes = generate(generator, problems(config, 2), 2)
     assert len(episodes) == 4
@@ -71,18 +77,38 @@ def test_episodes_are_two_turns_built_from_sampled_ids(stack):
         assert episode.x2[: len(episode.x1) + len(episode.y1)] == episode.x1 + episode.y1
         assert len(episode.y1_logp) == len(episode.y1) and len(episode.y2_logp) == len(episode.y2)
         assert 0 < len(episode.y2) <= config.rollout.max_tokens_turn2
-    # The sampler's log-probs are the learner's, token for token, at the sampling temperature ...
+        assert (episode.y1_temperature, episode.y2_temperature) == (1.3, 0.7)
+    # The sampler's log-probs are the learner's and the reference's, token for token, each turn at its own
+    # sampling temperature ...
     sequences = [e.sequence for e in episodes]
-    learner = group.sequence_logprobs(sequences, config.rollout.temperature)
+    temperatures = [position_temperatures(e) for e in episodes]
+    learner = group.sequence_logprobs(sequences, temperatures)
+    refs = ray.get(reference.sequence_logprobs.remote(sequences, [trained_positions(e) for e in episodes],
+                                                      temperatures))
+    one_temperature = group.sequence_logprobs(sequences, config.rollout.temperature)
     untempered = group.sequence_logprobs(sequences, 1.0)
+    # ... and not at one temperature for both turns or at 1, so the comparison can tell them apart.
+    start, end = episodes[0].turn_span(1)
+    assert not np.allclose(episodes[0].y1_logp, one_temperature[0][start:end], atol=2e-3)
     start, end = episodes[0].turn_span(2)
-    # ... and not at temperature 1, so the comparison can tell the two apart.
     assert not np.allclose(episodes[0].y2_logp, untempered[0][start:end], atol=2e-3)
-    for episode, logp in zip(episodes, learner):
-        start, end = episode.turn_span(2)
-        assert np.allclose(episode.y2_logp, logp[start:end], atol=2e-3)
-        start, end = episode.turn_span(1)
-        assert np.allclose(episode.y1_logp, logp[start:end], atol=2e-3)
+    for episode, logp, ref in zip(episodes, learner, refs):
+        for turn in (1, 2):
+            start, end = episode.turn_span(turn)
+            assert np.allclose(episode.response_logp(turn), logp[start:end], atol=2e-3), turn
+            assert np.allclose(episode.response_logp(turn), ref[start:end], atol=2e-3), turn
+    # The learner's training pass scores each position at the sample's temperatures too: with the sampler's
+    # log-probs as the reference, the KL of an untrained policy is zero (and not at one temperature). Advantage
+    # and KL coefficient 0: a zero gradient, which (no weight decay) leaves the weights as they are.
+    def kl_per_token(scored_at):
+        batch = [LearnerSample(input_ids=e.sequence, loss_mask=trained_positions(e), advantage=[0.0] * len(t),
+                               kl_coef=[0.0] * len(t), old_logp=[0.0] * len(t), ref_logp=r, temperature=scored_at(t))
+                 for e, r, t in zip(episodes, refs, temperatures)]
+        stats = group.train_step(batch)
+        return stats["kl"] / stats["tokens"]
+
+    assert kl_per_token(lambda t: t) < 1e-5
+    assert kl_per_token(lambda t: [config.rollout.temperature] * len(t)) > 1e-3
 
 
 def test_second_attempts_at_one_first_attempt_share_it_differ_and_are_the_learners_samples(stack):
