@@ -477,6 +477,12 @@ class Config(_Strict):
                 f"rollout.turn2_samples={self.rollout.turn2_samples} needs RL on turn 2 (algo.objective=rl, 2 in "
                 "algo.train_turns): only turn 2's advantage uses the second attempts of one first attempt"
             )
+        if self.algo.objective != "rl" and self.algo.policy_loss != "pg":
+            raise ValueError(
+                f"algo.objective={self.algo.objective} is a token log-likelihood on chosen episodes: set "
+                f"algo.policy_loss=pg (not {self.algo.policy_loss}; pair_sft's second attempt was sampled in "
+                "another context, so a ratio to the sampler's log-probs has no meaning)"
+            )
         if self.algo.objective != "rl" and self.rollout.overlap:
             raise ValueError(
                 f"algo.objective={self.algo.objective} is supervised on chosen episodes and has no off-policy "

@@ -10,7 +10,7 @@ trained with advantage 1 and no KL (``supervised_credit``): a token-level cross-
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from score_ray.episode import TURNS, Episode
 
@@ -62,11 +62,13 @@ def trained_positions(episode: Episode) -> list[float]:
 
 def build_samples(
     episodes: Sequence[Episode], ref_logps: Sequence[list[float]], scored: dict[str, list[float]],
-    turns: Sequence[int] = TURNS,
+    turns: Sequence[int] = TURNS, temperature: Optional[float] = None,
 ) -> list[LearnerSample]:
     """One sample per episode: the full sequence x2 + y2 with the tokens of the turns in ``turns`` trained
     ([1] is single-turn RL). ``scored`` is ``algo.score_turns``'s output (adv1/2, kl_coef1/2 per episode).
-    Of the episodes that share a y1 (rollout.turn2_samples), only branch 0 trains turn 1."""
+    Of the episodes that share a y1 (rollout.turn2_samples), only branch 0 trains turn 1. Each position is
+    scored at the temperature its token was sampled at, or with ``temperature`` all at that one (the
+    supervised baselines: their targets are imitated, not compared with the sampler's probabilities)."""
     samples = []
     for index, (episode, ref) in enumerate(zip(episodes, ref_logps)):
         width = len(episode.sequence) - 1
@@ -83,7 +85,8 @@ def build_samples(
                 raise ValueError(f"episode of {episode.problem.id}: turn {turn} has {end - start} tokens but "
                                  f"{len(logp)} sampler log-probs")
             old[start:end] = logp
-        samples.append(LearnerSample(episode.sequence, mask, advantage, coef, old, ref, position_temperatures(episode)))
+        temperatures = position_temperatures(episode) if temperature is None else [temperature] * width
+        samples.append(LearnerSample(episode.sequence, mask, advantage, coef, old, ref, temperatures))
     return samples
 
 
@@ -111,7 +114,7 @@ def star_episodes(episodes: Sequence[Episode], r2: Sequence[float]) -> list[Epis
 def pair_sft_episodes(episodes: Sequence[Episode], r1: Sequence[float], r2: Sequence[float]) -> list[Episode]:
     """Pair-SFT: each wrong first attempt, with a right attempt at the same problem as its second turn (the
     first right y1 or y2 of the problem's samples, in batch order); problems with no right attempt give none."""
-    right: dict[str, tuple[list[int], list[float], str]] = {}
+    right: dict[str, tuple[list[int], list[float], str, float]] = {}
     for episode, a, b in zip(episodes, r1, r2):
         for turn, reward in ((1, a), (2, b)):
             if reward >= 0.5 and episode.problem.id not in right:

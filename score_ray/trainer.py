@@ -301,8 +301,9 @@ class Trainer:
         coefficients (score_ray.algo); the supervised baselines: advantage 1 on the chosen episodes, no KL."""
         settings = self.config.algo
         if chosen is not None:
+            # one sharpness for every imitated token, whichever turn's temperature sampled it
             samples = build_samples(chosen, chosen_refs, supervised_credit(len(chosen)),
-                                    SUPERVISED_TURNS[settings.objective])
+                                    SUPERVISED_TURNS[settings.objective], temperature=self.config.rollout.temperature)
             return {"reward2": list(r2)}, samples  # no shaping: the metrics report r2
         kl_sums = [turn_kl_sums(e, ref) for e, ref in zip(episodes, ref_logps)]
         branched = self.config.rollout.turn2_samples > 1  # turn 2 compared within each first attempt's group

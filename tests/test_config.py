@@ -65,6 +65,8 @@ def test_cross_field_rules_name_both_keys():
     for other in ("algo.objective=star", "algo.train_turns=[1]"):
         message = error_of("rollout.turn2_samples=4", other)
         assert "rollout.turn2_samples=4" in message and other.split("=")[0] in message
+    message = error_of("algo.objective=pair_sft", "algo.policy_loss=ppo_clip")
+    assert "algo.objective=pair_sft" in message and "algo.policy_loss=pg" in message
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 1.5])

@@ -40,6 +40,8 @@ def test_samples_train_exactly_the_sampled_tokens_of_each_turn():
 
 
 def test_each_turn_is_scored_at_the_temperature_it_was_sampled_at():
+    from score_ray.samples import SUPERVISED_TURNS, supervised_credit
+
     episode = Episode(problem=PROBLEM, sample=0, x1=[1, 2, 3], y1=[4, 5], y1_logp=[-0.4, -0.5], y1_truncated=False,
                       x2=[1, 2, 3, 4, 5, 6, 7], y2=[8], y2_logp=[-0.8], y1_temperature=1.2, y2_temperature=0.7)
     assert position_temperatures(episode) == [1.0, 1.0, 1.2, 1.2, 1.0, 1.0, 0.7]  # prompts: 1, never scored
@@ -51,6 +53,10 @@ def test_each_turn_is_scored_at_the_temperature_it_was_sampled_at():
                     x2=[1, 2, 3, 9, 6, 7], y2=[9], y2_logp=[-1.0], y1_temperature=1.2, y2_temperature=0.7)
     (paired,) = pair_sft_episodes([episode, wrong], r1=[1.0, 0.0], r2=[1.0, 0.0])
     assert paired.y2 == [4, 5] and paired.y2_temperature == 1.2
+    # ... but a supervised target is imitated at one temperature, whichever turn sampled it
+    (imitated,) = build_samples([paired], [[0.0] * 7], supervised_credit(1), SUPERVISED_TURNS["pair_sft"],
+                                temperature=0.7)
+    assert imitated.temperature == [0.7] * 7
     with pytest.raises(ValueError, match="p0: turn 2 was decoded greedily"):
         position_temperatures(Episode(problem=PROBLEM, sample=0, x1=[1], y1=[2], y1_logp=[-1.0], y1_truncated=False,
                                       x2=[1, 2, 3], y2=[4], y2_logp=[-1.0], y2_temperature=0.0))
