@@ -90,20 +90,22 @@ def trainable_names(model, mode: str, top_layers: int) -> set[str]:
 
 
 def collate(samples: Sequence[LearnerSample], pad_id: int):
-    """Right-padded tensors: ids, attention mask and per-token training fields aligned to logp[t-1]."""
+    """Right-padded tensors: ids, attention mask and per-token training fields aligned to logp[t-1]. No
+    samples give one row of two pad tokens, nothing trained: an empty micro-batch still joins the forward
+    (ZeRO-3 gathers parameters in it)."""
     import torch
 
-    from score_ray.modeling import pad_batch
+    from score_ray.modeling import pad_batch, pad_positions
 
-    ids, attention = pad_batch([s.input_ids for s in samples], pad_id)
-    width = ids.shape[1] - 1
-    fields = {}
-    for name in POSITION_FIELDS:
-        tensor = torch.zeros((len(samples), width), dtype=torch.float32)
-        for row, sample in enumerate(samples):
-            values = getattr(sample, name)
-            tensor[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
-        fields[name] = tensor
+    if samples:
+        ids, attention = pad_batch([s.input_ids for s in samples], pad_id)
+    else:
+        ids = torch.full((1, 2), pad_id, dtype=torch.long)
+        attention = torch.ones_like(ids)
+    rows = [[getattr(s, name) for s in samples] or [[]] for name in POSITION_FIELDS]
+    # padding is never trained; its temperature is 1 so that dividing logits by it stays finite
+    fields = {name: pad_positions(values, ids.shape[1] - 1, 1.0 if name == "temperature" else 0.0)
+              for name, values in zip(POSITION_FIELDS, rows)}
     return ids, attention, fields
 
 
@@ -233,19 +235,14 @@ class LearnerWorker:
             # the engine started, so once the count changed between steps it fell mid-batch: half a
             # batch stepped, the rest leaked into the next step, reported as a skipped step.
             self.engine.set_gradient_accumulation_boundary(index == count - 1)
-            if batch:
-                ids, attention, fields = collate(batch, self.pad_id)
-            else:  # an empty micro-batch still joins the forward (ZeRO-3 gathers parameters in it)
-                ids = torch.full((1, 2), self.pad_id, dtype=torch.long)
-                attention = torch.ones_like(ids)
-                fields = {k: torch.zeros((1, 1)) for k in POSITION_FIELDS}
+            ids, attention, fields = collate(batch, self.pad_id)
             device = self.engine.device
             select = fields["loss_mask"] > 0
             if not bool(select.any()):
                 select[0, 0] = True  # keep the forward (ZeRO-3 gathers happen in it); its loss weight is 0
             # Only trained tokens go through the LM head; the fields are flattened the same way.
-            # each position at its turn's sampling temperature (score_ray.modeling); 1 where nothing is scored
-            temperature = torch.where(fields["temperature"] > 0, fields["temperature"], 1.0).to(device)
+            # each position at its turn's sampling temperature (score_ray.modeling)
+            temperature = fields["temperature"].to(device)
             logp, entropy, from_trunk = self._policy_logprobs(batch, ids.to(device), attention.to(device),
                                                               select.to(device), temperature)
             sums["trunk_batches"] += float(from_trunk)

@@ -39,6 +39,15 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device="cpu") -> 
     return ids.to(device), mask.to(device)
 
 
+def pad_positions(rows: Sequence[Sequence[float]], width: int, fill: float = 0.0,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-sequence values of the log-prob positions, right-padded with ``fill`` to [len(rows), width]."""
+    tensor = torch.full((len(rows), width), fill, dtype=dtype)
+    for row, values in enumerate(rows):
+        tensor[row, : len(values)] = torch.tensor(list(values), dtype=torch.float32).to(dtype)
+    return tensor
+
+
 def batch_token_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False,
     temperature: Temperature = 1.0,
@@ -188,19 +197,14 @@ def sequence_logprobs(
     for batch in token_budget_batches([len(s) for s in sequences], max_tokens):
         ids, mask = pad_batch([sequences[i] for i in batch], pad_id, device)
         batch_temperature = temperature
-        if not isinstance(temperature, (int, float)):
-            batch_temperature = torch.ones((len(batch), ids.shape[1] - 1), dtype=torch.float32)
-            for row, index in enumerate(batch):
-                batch_temperature[row, : len(temperature[index])] = torch.tensor(temperature[index], dtype=torch.float32)
-            batch_temperature = batch_temperature.to(device)
+        if not isinstance(temperature, (int, float)):  # unscored padding at 1: no division by 0
+            batch_temperature = pad_positions([temperature[i] for i in batch], ids.shape[1] - 1, 1.0).to(device)
         if select is None:
             logp, _ = batch_token_logprobs(model, ids, mask, temperature=batch_temperature)
             for row, index in enumerate(batch):
                 result[index] = logp[row, : len(sequences[index]) - 1].tolist()
             continue
-        flags = torch.zeros((len(batch), ids.shape[1] - 1), dtype=torch.bool)
-        for row, index in enumerate(batch):
-            flags[row, : len(select[index])] = torch.tensor([bool(v) for v in select[index]])
+        flags = pad_positions([select[i] for i in batch], ids.shape[1] - 1, dtype=torch.bool)
         if score_batch is None:
             chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device), temperature=batch_temperature)
         else:

@@ -31,3 +31,10 @@ def test_collate_pads_right_and_aligns_each_field_to_the_position_that_scores_th
     assert set(fields) == set(POSITION_FIELDS)
     assert fields["loss_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]  # padding is never trained
     assert fields["advantage"].tolist() == [[2, 2, 2], [3, 0, 0]]
+
+
+def test_an_empty_micro_batch_is_one_untrained_row_at_a_finite_temperature():
+    # it still joins the forward (ZeRO-3 gathers there), so its logits are divided by its temperature
+    ids, attention, fields = collate([], pad_id=7)
+    assert ids.tolist() == [[7, 7]] and attention.tolist() == [[1, 1]]
+    assert fields["loss_mask"].tolist() == [[0.0]] and fields["temperature"].tolist() == [[1.0]]
