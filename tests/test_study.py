@@ -215,3 +215,36 @@ def test_training_curves_average_each_iteration_over_the_seeds_that_logged_it(tm
     curves = metric_curves({"score": folders, "base": {0: tmp_path / "nothing"}},
                            ("train/reward_t2", "eval/acc_t2", "train/truncated_t1"))
     assert curves == {"score": {"train/reward_t2": [(1, 0.5), (2, 0.5)], "eval/acc_t2": [(2, 0.4)]}}
+
+
+def test_the_gain_is_split_by_whether_the_controls_first_attempt_ran_to_the_cap(tmp_path):
+    from score_ray.study import load_study
+    from score_ray.study.report import read_cut_first_attempts, write_report
+
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: s\nconfig: smoke\nresults_dir: {tmp_path / 'results'}\n"
+                     "methods:\n  base: {train: false}\n  score: {seeds: [0]}\n")
+    spec = load_study(study)
+    # base cuts p0 and p1 at the cap (both wrong) and finishes p2 (wrong) and p3 (right); score gets p0, p1, p2 right
+    rows = {"base": [(0, 0, True), (0, 0, True), (0, 0, False), (1, 1, False)],
+            "score": [(1, 1, False), (1, 1, False), (1, 1, False), (1, 1, False)]}
+    for method, outcomes in rows.items():
+        folder = tmp_path / "results" / "s" / method / "seed-0"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text("{}")
+        (folder / "eval_final.jsonl").write_text("".join(
+            json.dumps({"id": f"p{i}", "r1": a, "r2": b, "truncated1": cut, "truncated2": cut}) + "\n"
+            for i, (a, b, cut) in enumerate(outcomes)))
+        (folder / "metrics.jsonl").write_text("")
+    assert read_cut_first_attempts(tmp_path / "results" / "s" / "base" / "seed-0" / "eval_final.jsonl") == {"p0", "p1"}
+    summary = write_report(spec)
+    assert summary["gain"]["eval/acc_t1"]["mean"] == pytest.approx(3 / 4)
+    split = summary["gain_split"]
+    assert split["cut"]["n"] == 2 and split["cut"]["eval/acc_t1"]["mean"] == pytest.approx(1.0)
+    assert split["finished"]["n"] == 2 and split["finished"]["eval/acc_t1"]["mean"] == pytest.approx(1 / 2)
+    text = (tmp_path / "results" / "s" / "table.md").read_text()
+    assert "| gain where base's first attempt was cut (2) |  | +100.0 +- 0.0 |" in text
+    # records from before truncation was recorded give no split rather than a wrong one
+    (tmp_path / "results" / "s" / "base" / "seed-0" / "eval_final.jsonl").write_text(
+        json.dumps({"id": "p0", "r1": 0, "r2": 0}) + "\n")
+    assert "gain_split" not in write_report(spec)

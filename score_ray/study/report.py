@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from score_ray.study.stats import PER_PROBLEM, Records, common_problems, estimate, gain
 
@@ -42,6 +42,20 @@ def read_records(path: Path, truncated_wrong: bool = False) -> Records:
     return records
 
 
+def read_cut_first_attempts(path: Path) -> Optional[set[str]]:
+    """The problem ids whose first attempt a run's eval_final.jsonl records as cut at the token cap; None for
+    records written before truncation was recorded."""
+    cut = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if "truncated1" not in row:
+                return None
+            if row["truncated1"]:
+                cut.add(row["id"])
+    return cut
+
+
 def finished_runs(spec: "StudySpec") -> dict[str, dict[int, Path]]:
     """method -> seed -> the run's folder of kept files, for the runs that finished."""
     from score_ray.study import run_folder
@@ -68,7 +82,27 @@ def summarise(spec: "StudySpec", runs: dict[str, dict[int, Path]], truncated_wro
     if problems and spec.treated in records and spec.control in records:
         summary["gain"] = {key: gain(records[spec.treated], records[spec.control], problems, key) for key in KEYS}
         summary["gain_of"] = f"{spec.treated} - {spec.control}"
+        split = _gain_split_by_control_cut(records[spec.treated], records[spec.control],
+                                           [folder / "eval_final.jsonl" for folder in runs[spec.control].values()],
+                                           problems)
+        if split:
+            summary["gain_split"] = split
     return summary
+
+
+def _gain_split_by_control_cut(treated: list[Records], control: list[Records], control_paths: list[Path],
+                               problems: list[str]) -> dict:
+    """The gain on the problems whose first attempt the control cut at the token cap (in every seed) and on
+    the rest, each over its own problems: how much of a gain is answers that stopped running to the cap.
+    Empty where the control's records predate truncation being recorded."""
+    cut_sets = [read_cut_first_attempts(path) for path in control_paths]
+    if any(cut is None for cut in cut_sets):
+        return {}
+    cut_everywhere = set.intersection(*cut_sets)
+    parts = {"cut": [problem for problem in problems if problem in cut_everywhere],
+             "finished": [problem for problem in problems if problem not in cut_everywhere]}
+    return {part: {"n": len(chosen), **{key: gain(treated, control, chosen, key) for key in KEYS}}
+            for part, chosen in parts.items() if chosen}
 
 
 def table(summary: dict) -> str:
@@ -77,6 +111,9 @@ def table(summary: dict) -> str:
     rows = [(name, entry) for name, entry in summary["methods"].items()]
     if "gain" in summary:
         rows.append((f"gain: {summary['gain_of']}", {"seeds": [], **summary["gain"]}))
+    control = summary.get("gain_of", " - ").split(" - ")[1]
+    for part, entry in summary.get("gain_split", {}).items():
+        rows.append((f"gain where {control}'s first attempt was {part} ({entry['n']})", {"seeds": [], **entry}))
     for name, entry in rows:
         cells = " | ".join(f"{100 * entry[k]['mean']:+.1f} +- {100 * entry[k]['se']:.1f}" if name.startswith("gain")
                            else f"{100 * entry[k]['mean']:.1f} +- {100 * entry[k]['se']:.1f}" for k in KEYS)
@@ -85,6 +122,9 @@ def table(summary: dict) -> str:
     lines.append("")
     lines.append(f"Percent of {summary['n_problems']} held-out problems (greedy, two turns); mean over seeds +- one "
                  "standard error counting the problems (paired per problem) and the seeds.")
+    if summary.get("gain_split"):
+        lines.append("The gain split by whether the control's greedy first attempt was cut at the token cap (in every "
+                     "seed): percent of each row's own problems.")
     return "\n".join(lines) + "\n"
 
 
