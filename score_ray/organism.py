@@ -1,0 +1,370 @@
+"""The model organism: a 1M-parameter Llama pretrained here, from generated text only, on two-sum.
+
+SmolLM2-135M on a + b cannot learn self-correction: checking a sum is the same work as writing it. The
+organism is a transformer small enough to train on these 2 cores in minutes, on a task where checking is
+one addition and answering is a search (score_ray.two_sum), with a corpus shaped like the text real base
+models learn from (docs/organism.md):
+
+- ``solve``: a problem and its right answer. What the model learns of it on unseen problems is its
+  first attempt; its errors are its own, systematic per problem (greedy decoding does not erase them).
+- ``check``: a problem, a proposed pair (right half the time, else a near miss) and, after the
+  instruction ``!``, the pair's sum and the verdict Y or N (``76Y``): a worked check, as real text has
+  them. A verifier the model learns beside its solver, separate from any second attempt.
+- ``retry``: a problem, a first answer and, after the instruction ``?``, a second answer. The second
+  answer repeats the first with probability ``keep`` and otherwise solves the problem with the first
+  answer set aside, whether or not the first was right: the choice to change never looks at the first
+  answer's grade. Changing a right answer therefore always breaks it, and the base's second attempt
+  breaks more than it fixes (its Delta is negative, as the paper's base models' is).
+
+No example puts an answer after a verdict on an earlier answer to the same problem, and no example's
+choice to change depends on whether the first answer was right: the self-correction policy is not in the
+corpus. Loss falls only on what the example teaches (the answer, the verdict, the second answer); the
+prompt and a given first answer are context.
+
+The folder is a Hugging Face Llama with a character tokenizer and a chat template (``<u>`` user,
+``<a>`` assistant, ``<e>`` end of turn), so vLLM serves it and DeepSpeed trains it like any model.
+Built by ``python -m score_ray.assets organism``; the same settings give the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from score_ray import two_sum
+
+USER, ASSISTANT, END, PAD = "<u>", "<a>", "<e>", "<pad>"
+SPECIAL_TOKENS = (PAD, USER, ASSISTANT, END)
+CHARACTERS = "0123456789 =?!YN"
+# The instructions the corpus knows; configs/organism.yaml puts them in the prompts section.
+CHECK_INSTRUCTION = "!"
+RETRY_INSTRUCTION = "?"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<u>{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<a>{{ message['content'] }}<e>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+)
+VOCABULARY = list(SPECIAL_TOKENS) + list(CHARACTERS)
+TOKEN_ID = {token: index for index, token in enumerate(VOCABULARY)}
+
+
+@dataclass(frozen=True)
+class CorpusMix:
+    """What the pretraining corpus holds, as shares of its examples, and how its answers are drawn."""
+
+    solve: float = 0.4
+    check: float = 0.3
+    retry: float = 0.3
+    first_right: float = 0.5  # share of right first answers in check and retry examples (else a near miss)
+    keep: float = 0.5  # retry: probability the second answer repeats the first, blind to its grade
+    verdict_weight: float = 1.0  # loss weight of a check's verdict token (one token against an answer's five)
+
+
+@dataclass(frozen=True)
+class OrganismSpec:
+    """Everything the weights depend on; the cache is keyed by it."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    intermediate_size: int = 512
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    numbers: int = 5
+    # Problems whose hash falls in two-sum's held-out split are never in the corpus.
+    test_fraction: float = 0.5
+    mix: CorpusMix = field(default_factory=CorpusMix)
+
+    def stamp(self) -> dict[str, Any]:
+        return {"asset": "organism", **asdict(self)}
+
+
+def encode(text: str) -> list[int]:
+    """Character ids, with the four special tokens read whole (the corpus's fast path; equal to the saved
+    tokenizer's ``encode``, which tests check)."""
+    ids: list[int] = []
+    index = 0
+    while index < len(text):
+        if text[index] == "<":
+            close = text.index(">", index)
+            ids.append(TOKEN_ID[text[index : close + 1]])
+            index = close + 1
+        else:
+            ids.append(TOKEN_ID[text[index]])
+            index += 1
+    return ids
+
+
+def _turn(role: str, content: str) -> str:
+    return f"{USER}{content}" if role == "user" else f"{ASSISTANT}{content}{END}"
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def _training_problem(rng: random.Random, spec: OrganismSpec) -> two_sum.TwoSum:
+    from score_ray.data import in_test_split
+
+    while True:
+        problem = two_sum.draw(rng, spec.numbers)
+        if not in_test_split(problem.text, spec.test_fraction):
+            return problem
+
+
+def _first_answer(problem: two_sum.TwoSum, rng: random.Random, mix: CorpusMix) -> tuple[int, int]:
+    return problem.pair if rng.random() < mix.first_right else two_sum.distractor(problem, rng)
+
+
+def retry_answer(problem: two_sum.TwoSum, first: tuple[int, int], rng: random.Random, keep: float) -> tuple[int, int]:
+    """The corpus's second answer: the first again with probability ``keep``, else the problem solved with
+    the first answer set aside. The coin is thrown before the first answer's grade is known and never sees
+    it; what "solved with the first set aside" gives is the pair that sums to the target when the first
+    was not it, and another near miss when it was."""
+    if rng.random() < keep:
+        return first
+    if first != problem.pair:
+        return problem.pair
+    return two_sum.distractor(problem, rng, avoid=(first,))
+
+
+def example(rng: random.Random, spec: OrganismSpec) -> tuple[str, str]:
+    """One corpus example as (context, target): loss falls on ``target`` only (a verdict's first token
+    weighs ``mix.verdict_weight``)."""
+    mix = spec.mix
+    problem = _training_problem(rng, spec)
+    prompt = _turn("user", problem.text) + ASSISTANT
+    kind = rng.choices(("solve", "check", "retry"), weights=(mix.solve, mix.check, mix.retry))[0]
+    if kind == "solve":
+        return prompt, two_sum.format_pair(problem.pair) + END
+    first = _first_answer(problem, rng, mix)
+    shown = prompt + two_sum.format_pair(first) + END
+    if kind == "check":
+        verdict = "Y" if first == problem.pair else "N"
+        return shown + _turn("user", CHECK_INSTRUCTION) + ASSISTANT, f"{sum(first)}{verdict}{END}"
+    second = retry_answer(problem, first, rng, mix.keep)
+    return shown + _turn("user", RETRY_INSTRUCTION) + ASSISTANT, two_sum.format_pair(second) + END
+
+
+def batches(spec: OrganismSpec) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """(input_ids, attention_mask, labels, weights) tensors, padded on the right; labels -100 and weight 0
+    off the targets."""
+    import torch
+
+    rng = random.Random(f"organism-corpus:{spec.seed}")
+    verdicts = {TOKEN_ID["Y"], TOKEN_ID["N"]}
+    while True:
+        rows = []
+        for _ in range(spec.batch_size):
+            context, target = example(rng, spec)
+            context_ids, target_ids = encode(context), encode(target)
+            rows.append((context_ids + target_ids, len(context_ids)))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), TOKEN_ID[PAD], dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        weights = torch.zeros((len(rows), width))
+        for row, (ids, start) in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+            labels[row, start : len(ids)] = torch.tensor(ids[start:])
+            weights[row, start : len(ids)] = 1.0
+            for position in range(start, len(ids)):
+                if ids[position] in verdicts:
+                    weights[row, position] = spec.mix.verdict_weight
+        yield input_ids, mask, labels, weights
+
+
+# ----------------------------------------------------------------------------- model and tokenizer
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer with the chat template, loadable by transformers and vLLM."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token=PAD))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=USER, eos_token=END, pad_token=PAD, unk_token=PAD,
+        clean_up_tokenization_spaces=False, model_max_length=1024,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(spec: OrganismSpec):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(VOCABULARY),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.hidden_size // 64,  # head_dim 64: vLLM's CPU attention rejects 16
+        num_key_value_heads=spec.hidden_size // 64,
+        max_position_embeddings=1024,  # RoPE: a longer limit costs nothing, and vLLM checks it
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=TOKEN_ID[USER],
+        eos_token_id=TOKEN_ID[END],
+        pad_token_id=TOKEN_ID[PAD],
+        dtype="float32",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=TOKEN_ID[USER], eos_token_id=TOKEN_ID[END], pad_token_id=TOKEN_ID[PAD]
+    )
+    return model
+
+
+def pretrain(spec: OrganismSpec, progress: Optional[Callable[[int, float], None]] = None):
+    """The model after ``spec.steps`` AdamW steps on the corpus (warm-up, then cosine decay)."""
+    import torch
+
+    torch.use_deterministic_algorithms(True)
+    model = build_model(spec)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr, betas=(0.9, 0.98),
+    )
+
+    def rate(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        done = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, rate)
+    data = batches(spec)
+    for step in range(spec.steps):
+        input_ids, mask, labels, weights = next(data)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
+        )
+        shifted = weights[:, 1:].reshape(-1)
+        loss = (token_loss * shifted).sum() / shifted.sum()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        if progress is not None:
+            progress(step, loss.item())
+    model.eval()
+    return model
+
+
+def save(model: Any, out: Path, spec: OrganismSpec, seconds: float) -> None:
+    model.save_pretrained(str(out), safe_serialization=True)
+    build_tokenizer().save_pretrained(str(out))
+    (out / "organism.json").write_text(json.dumps({**spec.stamp(), "build_seconds": round(seconds, 1)}, indent=2))
+
+
+def build(out: Path, spec: OrganismSpec = OrganismSpec(), quiet: bool = False) -> None:
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(spec.seed)
+    start = time.monotonic()
+    bar = tqdm(total=spec.steps, desc="pretraining the organism", unit="step", disable=quiet, mininterval=2.0)
+
+    def progress(step: int, loss: float) -> None:
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+    model = pretrain(spec, progress)
+    bar.close()
+    save(model, out, spec, time.monotonic() - start)
+
+
+# ----------------------------------------------------------------------------- what the organism can do
+
+
+def _complete(model: Any, contexts: Sequence[str], max_new: int, temperature: float, seed: int) -> list[str]:
+    """Continuations of ``contexts`` (left-padded, batched), greedy at temperature 0, up to END."""
+    import torch
+
+    encoded = [encode(c) for c in contexts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), TOKEN_ID[PAD], dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
+    generator = torch.Generator().manual_seed(seed)
+    finished = torch.zeros(len(encoded), dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in encoded]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+            if temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            for row in range(len(encoded)):
+                if not finished[row]:
+                    out[row].append(int(token[row]))
+            finished |= token == TOKEN_ID[END]
+            if bool(finished.all()):
+                break
+            input_ids = torch.cat([input_ids, token[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], 1)
+    return ["".join(VOCABULARY[t] for t in ids if t != TOKEN_ID[END]) for ids in out]
+
+
+def abilities(model: Any, problems: Sequence[two_sum.TwoSum], temperature: float = 0.0, seed: int = 0) -> dict[str, float]:
+    """Solving, checking (false-positive and false-negative rates on its own first answers) and the
+    two-turn behaviour of the model on ``problems``, computed in-process with transformers (a quick look;
+    the study measures the same through vLLM)."""
+    rng = random.Random(seed)
+    prompts = [_turn("user", p.text) + ASSISTANT for p in problems]
+    first = _complete(model, prompts, 10, temperature, seed)
+    first_pairs = [two_sum.parse_pair(a) for a in first]
+    right1 = [pair == p.pair for pair, p in zip(first_pairs, problems)]
+    shown = [prompt + a + END for prompt, a in zip(prompts, first)]
+    verdicts = _complete(model, [s + _turn("user", CHECK_INSTRUCTION) + ASSISTANT for s in shown], 6, 0.0, seed)
+    verdicts = [v.lstrip("0123456789") for v in verdicts]  # the sum it writes first, then the verdict
+    second = _complete(model, [s + _turn("user", RETRY_INSTRUCTION) + ASSISTANT for s in shown], 10, temperature, seed + 1)
+    right2 = [two_sum.parse_pair(a) == p.pair for a, p in zip(second, problems)]
+    # the checker on candidates it never proposed: the right pair and a near miss, half each
+    candidates = [p.pair if rng.random() < 0.5 else two_sum.distractor(p, rng) for p in problems]
+    planted = _complete(
+        model,
+        [pr + two_sum.format_pair(c) + END + _turn("user", CHECK_INSTRUCTION) + ASSISTANT for pr, c in zip(prompts, candidates)],
+        6, 0.0, seed,
+    )
+    planted = [v.lstrip("0123456789") for v in planted]
+    n = len(problems)
+    wrong_first = [i for i in range(n) if not right1[i]]
+    right_first = [i for i in range(n) if right1[i]]
+    said_yes = [v.startswith("Y") for v in verdicts]
+    return {
+        "acc_t1": sum(right1) / n,
+        "acc_t2": sum(right2) / n,
+        "fixed": sum(right2[i] for i in wrong_first) / n,
+        "broken": sum(not right2[i] for i in right_first) / n,
+        "changed": sum(a != b for a, b in zip(first, second)) / n,
+        "check_fpr_own": sum(said_yes[i] for i in wrong_first) / max(1, len(wrong_first)),
+        "check_fnr_own": sum(not said_yes[i] for i in right_first) / max(1, len(right_first)),
+        "check_acc_planted": sum((v.startswith("Y")) == (c == p.pair) for v, c, p in zip(planted, candidates, problems)) / n,
+    }
