@@ -1,4 +1,4 @@
-"""The model organism: a 1M-parameter Llama pretrained here, from generated text only, on two-sum.
+"""The model organism: a 0.5M-parameter Llama pretrained here, from generated text only, on two-sum.
 
 SmolLM2-135M on a + b cannot learn self-correction: checking a sum is the same work as writing it. The
 organism is a transformer small enough to train on these 2 cores in minutes, on a task where checking is
@@ -58,9 +58,9 @@ TOKEN_ID = {token: index for index, token in enumerate(VOCABULARY)}
 class CorpusMix:
     """What the pretraining corpus holds, as shares of its examples, and how its answers are drawn."""
 
-    solve: float = 0.4
-    check: float = 0.3
-    retry: float = 0.3
+    solve: float = 0.35
+    check: float = 0.4
+    retry: float = 0.25
     first_right: float = 0.5  # share of right first answers in check and retry examples (else a near miss)
     keep: float = 0.5  # retry: probability the second answer repeats the first, blind to its grade
     verdict_weight: float = 1.0  # loss weight of a check's verdict token (one token against an answer's five)
@@ -71,9 +71,9 @@ class OrganismSpec:
     """Everything the weights depend on; the cache is keyed by it."""
 
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2
     intermediate_size: int = 512
-    steps: int = 1500
+    steps: int = 2500  # about 8 minutes on 2 cores (docs/organism.md: what fewer steps or more layers gave)
     batch_size: int = 128
     lr: float = 3e-3
     warmup_steps: int = 100

@@ -20,9 +20,10 @@ from score_ray.config import ConfigError, load_config
 
 
 def answer_of(episode, turn: int) -> Optional[str]:
-    from score_ray.reward.math import extract_answer
+    from score_ray.reward.math import graded_answer
 
-    return extract_answer(episode.response_text(turn)) if episode.problem.kind == "math" else None
+    problem = episode.problem
+    return graded_answer(episode.response_text(turn), problem.answer) if problem.kind == "math" else None
 
 
 def sampled_stats(episodes: Sequence, r1: Sequence[float], r2: Sequence[float]) -> dict[str, float]:

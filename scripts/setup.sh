@@ -58,4 +58,6 @@ fi
 
 # 4. Model assets: SmolLM2-135M-Instruct converted once to a Hugging Face folder.
 "$VENV/bin/python" -m score_ray.assets smollm2 --quiet
+# 5. The model organism: pretrained once from generated text (about 8 minutes the first time, then cached).
+"$VENV/bin/python" -m score_ray.assets organism
 log "ready: $VENV"

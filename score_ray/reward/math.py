@@ -296,13 +296,19 @@ def needs_symbolic_reading(reference: str) -> bool:
     return as_number(reference) is None and not is_text_answer(reference)
 
 
-def grade_math(response: str, reference: str, judge: Optional[MathJudge] = None) -> GradeResult:
-    start = time.monotonic()
+def graded_answer(response: str, reference: str) -> Optional[str]:
+    """The answer the grader reads from ``response``: the final-answer phrase or ``\\boxed``; for a numeric
+    reference (GSM-style, arithmetic, two-sum data) without a usable phrase ("The final answer is
+    correct."), the last number in the text."""
     answer = extract_answer(response)
     if is_plain_number(reference) and (answer is None or not re.search(r"\d", answer)):
-        # GSM-style data: a numeric reference and no usable final-answer phrase ("The final answer is
-        # correct.") -> the last number in the text is the answer.
         answer = last_number(response)
+    return answer
+
+
+def grade_math(response: str, reference: str, judge: Optional[MathJudge] = None) -> GradeResult:
+    start = time.monotonic()
+    answer = graded_answer(response, reference)
     if answer is None:
         return GradeResult(0.0, "wrong", time.monotonic() - start, detail="no final answer found")
     decided = quick_equal(answer, reference)
