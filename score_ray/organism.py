@@ -64,6 +64,9 @@ class CorpusMix:
     first_right: float = 0.5  # share of right first answers in check and retry examples (else a near miss)
     keep: float = 0.5  # retry: probability the second answer repeats the first, blind to its grade
     verdict_weight: float = 1.0  # loss weight of a check's verdict token (one token against an answer's five)
+    # retry: "sum_then_answer" writes the first answer's sum before the second answer (``97 1264``), a
+    # worked step as in the check examples, never a verdict; "answer" writes the second answer alone
+    retry_form: str = "sum_then_answer"
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ def example(rng: random.Random, spec: OrganismSpec) -> tuple[str, str]:
         verdict = "Y" if first == problem.pair else "N"
         return shown + _turn("user", CHECK_INSTRUCTION) + ASSISTANT, f"{sum(first)}{verdict}{END}"
     second = retry_answer(problem, first, rng, mix.keep)
-    return shown + _turn("user", RETRY_INSTRUCTION) + ASSISTANT, two_sum.format_pair(second) + END
+    restated = f"{sum(first)} " if mix.retry_form == "sum_then_answer" else ""
+    return shown + _turn("user", RETRY_INSTRUCTION) + ASSISTANT, restated + two_sum.format_pair(second) + END
 
 
 def batches(spec: OrganismSpec) -> Iterator[tuple[Any, Any, Any, Any]]:
@@ -344,7 +348,8 @@ def abilities(model: Any, problems: Sequence[two_sum.TwoSum], temperature: float
     shown = [prompt + a + END for prompt, a in zip(prompts, first)]
     verdicts = _complete(model, [s + _turn("user", CHECK_INSTRUCTION) + ASSISTANT for s in shown], 6, 0.0, seed)
     verdicts = [v.lstrip("0123456789") for v in verdicts]  # the sum it writes first, then the verdict
-    second = _complete(model, [s + _turn("user", RETRY_INSTRUCTION) + ASSISTANT for s in shown], 10, temperature, seed + 1)
+    second = _complete(model, [s + _turn("user", RETRY_INSTRUCTION) + ASSISTANT for s in shown], 12, temperature, seed + 1)
+    second = [a.split(" ")[-1] for a in second]  # the answer, after any restated sum
     right2 = [two_sum.parse_pair(a) == p.pair for a, p in zip(second, problems)]
     # the checker on candidates it never proposed: the right pair and a near miss, half each
     candidates = [p.pair if rng.random() < 0.5 else two_sum.distractor(p, rng) for p in problems]

@@ -63,8 +63,12 @@ def test_the_corpus_never_holds_a_held_out_problem_nor_an_answer_after_a_verdict
             assert target == f"{low + high}{verdict}{organism.END}"
         else:
             kinds["retry"] += 1
-            # a retry's context holds the first answer and the instruction, never a verdict
-            assert "Y" not in context and "N" not in context and target[:-len(organism.END)].isdigit()
+            # a retry's context holds the first answer and the instruction, never a verdict; its target
+            # restates the first answer's sum (a worked step, no verdict), then gives an answer
+            first = context.split(organism.ASSISTANT)[1].split(organism.END)[0]
+            restated, answer = target.removesuffix(organism.END).split(" ")
+            assert "Y" not in context + target and "N" not in context + target
+            assert int(restated) == sum(two_sum.parse_pair(first)) and two_sum.parse_pair(answer) is not None
     shares = {kind: count / 3000 for kind, count in kinds.items()}
     for kind in ("solve", "check", "retry"):
         assert abs(shares[kind] - getattr(spec.mix, kind)) < 0.04, shares
