@@ -271,7 +271,7 @@ def resolve_model_path(path: str, tiny_shape: Optional[dict[str, int]] = None) -
     if path == "tiny-random":
         return str(ensure_tiny_model(**(tiny_shape or {})))
     if path == "organism":
-        return str(ensure_organism())
+        return str(ensure_organism(quiet=False))  # a first build takes minutes: say so, show progress
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

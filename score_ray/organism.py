@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 from score_ray import two_sum
 
@@ -66,7 +66,11 @@ class CorpusMix:
     verdict_weight: float = 1.0  # loss weight of a check's verdict token (one token against an answer's five)
     # retry: "sum_then_answer" writes the first answer's sum before the second answer (``97 1264``), a
     # worked step as in the check examples, never a verdict; "answer" writes the second answer alone
-    retry_form: str = "sum_then_answer"
+    retry_form: Literal["sum_then_answer", "answer"] = "sum_then_answer"
+
+    def __post_init__(self) -> None:
+        if self.retry_form not in ("sum_then_answer", "answer"):
+            raise ValueError(f"CorpusMix.retry_form must be 'sum_then_answer' or 'answer', got {self.retry_form!r}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class OrganismSpec:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     seed: int = 0
+    corpus_version: int = 1  # bump when example() changes, so a cached build of the old corpus is not reused
     numbers: int = 5
     # Problems whose hash falls in two-sum's held-out split are never in the corpus.
     test_fraction: float = 0.5
@@ -136,7 +141,7 @@ def retry_answer(problem: two_sum.TwoSum, first: tuple[int, int], rng: random.Ra
         return first
     if first != problem.pair:
         return problem.pair
-    return two_sum.distractor(problem, rng, avoid=(first,))
+    return two_sum.distractor(problem, rng)  # first is the pair: any wrong pair differs from it
 
 
 def example(rng: random.Random, spec: OrganismSpec) -> tuple[str, str]:
@@ -238,7 +243,17 @@ def pretrain(spec: OrganismSpec, progress: Optional[Callable[[int, float], None]
     """The model after ``spec.steps`` AdamW steps on the corpus (warm-up, then cosine decay)."""
     import torch
 
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
+    try:
+        return _pretrain(spec, progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)  # the process that builds may go on to train
+
+
+def _pretrain(spec: OrganismSpec, progress: Optional[Callable[[int, float], None]]):
+    import torch
+
     model = build_model(spec)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -282,10 +297,8 @@ def save(model: Any, out: Path, spec: OrganismSpec, seconds: float) -> None:
 
 
 def build(out: Path, spec: OrganismSpec = OrganismSpec(), quiet: bool = False) -> None:
-    import torch
     from tqdm import tqdm
 
-    torch.manual_seed(spec.seed)
     start = time.monotonic()
     bar = tqdm(total=spec.steps, desc="pretraining the organism", unit="step", disable=quiet, mininterval=2.0)
 

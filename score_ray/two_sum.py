@@ -8,7 +8,8 @@ can use and what a + b lacks (checking ``a + b = c`` is the same computation as 
 The answer is the pair in increasing order, its two numbers written together: ``1264`` is 12 and 64 (every
 number has two digits, so the reading is unique). It is one plain number, graded by the project's math
 grader as it grades every numeric answer (score_ray.reward.math: the last number of the response, equal
-as a number): ``6412`` (the wrong order), ``76`` (the target) and a cut-off ``12`` are wrong.
+as a number, as for GSM-style data): ``6412`` (the wrong order), ``76`` (the target) and a cut-off ``12``
+are wrong; text before the last number (the sum a second attempt restates, ``97 1264``) does not count.
 
 Pure functions of a ``random.Random``: the data source (score_ray.data) and the organism's pretraining
 corpus (score_ray.organism) draw problems the same way. No torch here.
@@ -45,9 +46,6 @@ class TwoSum:
         """Every pair of the list, each in increasing order, in a fixed order."""
         return [tuple(sorted(p)) for p in combinations(self.numbers, 2)]  # type: ignore[misc]
 
-    def is_right(self, pair: tuple[int, int]) -> bool:
-        return tuple(sorted(pair)) == self.pair and pair[0] <= pair[1]
-
 
 def format_pair(pair: tuple[int, int]) -> str:
     return f"{pair[0]}{pair[1]}"
@@ -72,8 +70,8 @@ def draw(rng: random.Random, size: int = 5, low: int = 10, high: int = 99) -> Tw
 
 
 def distractor(problem: TwoSum, rng: random.Random, avoid: tuple[tuple[int, int], ...] = ()) -> tuple[int, int]:
-    """A wrong pair of the list, drawn with weight falling with its sum's distance from the target: the
-    near misses (off by one digit) that an answer which was not checked tends to be."""
+    """A wrong pair of the list, drawn with weight 1 / (1 + |its sum - target|): near misses are likelier,
+    as an answer that was not checked tends to be one."""
     wrong = [p for p in problem.pairs() if sum(p) != problem.target and p not in avoid]
     weights = [1.0 / (1.0 + abs(sum(p) - problem.target)) for p in wrong]
     return rng.choices(wrong, weights=weights)[0]

@@ -22,11 +22,12 @@ def test_probe_reports_greedy_and_sampled_rates_on_training_problems(tmp_path):
     assert probe["sampled/length_t1"] > 0
 
 
-def test_vllm_serves_the_model_organism_as_built_and_it_solves_and_checks_unseen_problems(tmp_path):
+def test_vllm_serves_the_model_organism_as_built_and_its_two_turns_behave_as_pretrained(tmp_path):
     """The organism through the real stack: vLLM serves the folder `python -m score_ray.assets organism` built
     (its tokenizer, chat template and EOS), the math grader grades its two-sum answers, and what it learned in
-    pretraining holds on problems its corpus never held: it solves well above chance (1 pair in 10) and its
-    second attempt changes some answers, as the corpus's blind retries taught it."""
+    pretraining shows on training-split problems (drawn afresh, not its corpus's examples): it solves well above
+    chance (1 pair in 10), and its sampled second attempt changes answers and breaks right ones, as the
+    corpus's blind retries taught it."""
     output = tmp_path / "probe.json"
     result = run_module("score_ray.probe", "--config", "organism", "--n", "300", "--samples", "2",
                         "--output", str(output), f"rollout.cpus_per_generator={os.cpu_count()}", timeout=600)
