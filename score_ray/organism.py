@@ -386,3 +386,49 @@ def abilities(model: Any, problems: Sequence[two_sum.TwoSum], temperature: float
         "check_fnr_own": sum(not said_yes[i] for i in right_first) / max(1, len(right_first)),
         "check_acc_planted": sum((v.startswith("Y")) == (c == p.pair) for v, c, p in zip(planted, candidates, problems)) / n,
     }
+
+
+def grade_readout(model: Any, problems: Sequence[two_sum.TwoSum], instruction: str = RETRY_INSTRUCTION,
+                  restate_sum: bool = False, train_share: float = 2 / 3, seed: int = 0) -> dict[str, float]:
+    """Whether "my first answer is right" is linearly readable from the organism's state where its second
+    attempt starts: greedy first attempts, the context ``... <e><u>{instruction}<a>`` (with ``restate_sum``,
+    followed by the first answer's sum and a space: where the restating retry chooses its answer), every
+    layer's last hidden state, a logistic regression fitted on ``train_share`` of the problems and scored on
+    the rest. A read-out near the majority rate means the second attempt cannot act on the check there."""
+    import torch
+
+    prompts = [_turn("user", p.text) + ASSISTANT for p in problems]
+    first = _complete(model, prompts, 6, 0.0, seed)
+    right = torch.tensor([two_sum.parse_pair(a) == p.pair for a, p in zip(first, problems)], dtype=torch.float)
+    contexts = []
+    for prompt, answer in zip(prompts, first):
+        pair = two_sum.parse_pair(answer)
+        tail = f"{sum(pair)} " if restate_sum and pair is not None else ""
+        contexts.append(prompt + answer + END + _turn("user", instruction) + ASSISTANT + tail)
+    encoded = [encode(c) for c in contexts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), TOKEN_ID[PAD], dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
+    with torch.no_grad():
+        states = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       output_hidden_states=True).hidden_states
+    features = torch.cat([layer[:, -1] for layer in states[1:]], -1)
+    features = (features - features.mean(0)) / (features.std(0) + 1e-6)
+    cut = int(len(problems) * train_share)
+    weights = torch.zeros(features.shape[1], requires_grad=True)
+    bias = torch.zeros(1, requires_grad=True)
+    optimiser = torch.optim.Adam([weights, bias], lr=0.01)
+    for _ in range(500):
+        logits = features[:cut] @ weights + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, right[:cut]) + 1e-3 * weights.pow(2).sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        predicted = (features[cut:] @ weights + bias > 0).float()
+    share_right = float(right[cut:].mean())
+    return {"readout_accuracy": float((predicted == right[cut:]).float().mean()),
+            "majority_rate": max(share_right, 1 - share_right), "first_right": float(right.mean())}
