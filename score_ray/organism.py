@@ -67,6 +67,10 @@ class CorpusMix:
     # retry: "sum_then_answer" writes the first answer's sum before the second answer (``97 1264``), a
     # worked step as in the check examples, never a verdict; "answer" writes the second answer alone
     retry_form: Literal["sum_then_answer", "answer"] = "sum_then_answer"
+    # share of check examples asked with the retry instruction ``?`` instead of ``!``: the second look a
+    # ``?`` opens is then sometimes a worked check (ending in its verdict), more often a blind retry, so the
+    # organism compares the restated sum with the target where a retry chooses its answer
+    check_on_retry: float = 0.0
 
     def __post_init__(self) -> None:
         if self.retry_form not in ("sum_then_answer", "answer"):
@@ -157,7 +161,8 @@ def example(rng: random.Random, spec: OrganismSpec) -> tuple[str, str]:
     shown = prompt + two_sum.format_pair(first) + END
     if kind == "check":
         verdict = "Y" if first == problem.pair else "N"
-        return shown + _turn("user", CHECK_INSTRUCTION) + ASSISTANT, f"{sum(first)}{verdict}{END}"
+        instruction = RETRY_INSTRUCTION if rng.random() < mix.check_on_retry else CHECK_INSTRUCTION
+        return shown + _turn("user", instruction) + ASSISTANT, f"{sum(first)}{verdict}{END}"
     second = retry_answer(problem, first, rng, mix.keep)
     restated = f"{sum(first)} " if mix.retry_form == "sum_then_answer" else ""
     return shown + _turn("user", RETRY_INSTRUCTION) + ASSISTANT, restated + two_sum.format_pair(second) + END

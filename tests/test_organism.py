@@ -43,8 +43,12 @@ def test_two_sum_source_is_deterministic_and_its_splits_disjoint():
     assert all(in_test_split(p.prompt, 0.5) for p in test) and report.source == "two_sum[test]"
 
 
-def test_the_corpus_never_holds_a_held_out_problem_nor_an_answer_after_a_verdict():
-    rng, spec = random.Random(1), organism.OrganismSpec()
+SPECS = [organism.OrganismSpec(), organism.OrganismSpec(mix=organism.CorpusMix(check_on_retry=0.3))]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["checks_on_their_own_instruction", "some_checks_on_the_retry_one"])
+def test_the_corpus_never_holds_a_held_out_problem_nor_an_answer_after_a_verdict(spec):
+    rng = random.Random(1)
     kinds = Counter()
     for _ in range(3000):
         context, target = organism.example(rng, spec)
@@ -53,8 +57,10 @@ def test_the_corpus_never_holds_a_held_out_problem_nor_an_answer_after_a_verdict
         turns = context.count(organism.USER)
         if turns == 1:
             kinds["solve"] += 1
-        elif context.endswith(organism.CHECK_INSTRUCTION + organism.ASSISTANT):
+        elif target[-len(organism.END) - 1] in "YN":
             kinds["check"] += 1
+            instruction = context[-len(organism.ASSISTANT) - 1]
+            kinds["check on ?"] += instruction == organism.RETRY_INSTRUCTION
             # a worked check: the shown pair's sum, then the verdict
             shown = context.split(organism.ASSISTANT)[1].split(organism.END)[0]
             low, high = two_sum.parse_pair(shown)
@@ -63,6 +69,7 @@ def test_the_corpus_never_holds_a_held_out_problem_nor_an_answer_after_a_verdict
             assert target == f"{low + high}{verdict}{organism.END}"
         else:
             kinds["retry"] += 1
+            assert context.endswith(organism.RETRY_INSTRUCTION + organism.ASSISTANT)
             # a retry's context holds the first answer and the instruction, never a verdict; its target
             # restates the first answer's sum (a worked step, no verdict), then gives an answer
             first = context.split(organism.ASSISTANT)[1].split(organism.END)[0]
@@ -72,17 +79,19 @@ def test_the_corpus_never_holds_a_held_out_problem_nor_an_answer_after_a_verdict
     shares = {kind: count / 3000 for kind, count in kinds.items()}
     for kind in ("solve", "check", "retry"):
         assert abs(shares[kind] - getattr(spec.mix, kind)) < 0.04, shares
+    assert abs(kinds["check on ?"] / kinds["check"] - spec.mix.check_on_retry) < 0.05, kinds
 
 
-def test_the_corpus_changes_a_first_answer_as_often_whether_it_was_right_or_wrong():
+@pytest.mark.parametrize("spec", SPECS, ids=["checks_on_their_own_instruction", "some_checks_on_the_retry_one"])
+def test_the_corpus_changes_a_first_answer_as_often_whether_it_was_right_or_wrong(spec):
     """The self-correction policy is not in the corpus: in its retry examples the second answer differs from
     the first with probability 1 - keep, whatever the first answer's grade."""
-    rng, spec = random.Random(2), organism.OrganismSpec()
+    rng = random.Random(2)
     changed = {True: [], False: []}
     while len(changed[True]) + len(changed[False]) < 4000:
         context, target = organism.example(rng, spec)
-        if not context.endswith(organism.RETRY_INSTRUCTION + organism.ASSISTANT):
-            continue
+        if context.count(organism.USER) == 1 or target[-len(organism.END) - 1] in "YN":
+            continue  # a solve or a check
         problem_text = context.split(organism.ASSISTANT)[0].removeprefix(organism.USER)
         first = two_sum.parse_pair(context.split(organism.ASSISTANT)[1].split(organism.END)[0])
         second = two_sum.parse_pair(target.removesuffix(organism.END).split(" ")[-1])
