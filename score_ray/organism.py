@@ -394,12 +394,14 @@ def abilities(model: Any, problems: Sequence[two_sum.TwoSum], temperature: float
 
 
 def grade_readout(model: Any, problems: Sequence[two_sum.TwoSum], instruction: str = RETRY_INSTRUCTION,
-                  restate_sum: bool = False, train_share: float = 2 / 3, seed: int = 0) -> dict[str, float]:
-    """Whether "my first answer is right" is linearly readable from the organism's state where its second
-    attempt starts: greedy first attempts, the context ``... <e><u>{instruction}<a>`` (with ``restate_sum``,
-    followed by the first answer's sum and a space: where the restating retry chooses its answer), every
-    layer's last hidden state, a logistic regression fitted on ``train_share`` of the problems and scored on
-    the rest. A read-out near the majority rate means the second attempt cannot act on the check there."""
+                  position: Literal["start", "sum", "answer"] = "start", train_share: float = 2 / 3,
+                  seed: int = 0) -> dict[str, float]:
+    """Whether "my first answer is right" is linearly readable from the organism's state in its second
+    attempt: greedy first attempts, the context ``... <e><u>{instruction}<a>`` and, for ``position`` "sum",
+    the first answer's restated sum (its last digit is where a check writes its verdict) or, for "answer",
+    the sum and the space after it (where a restating retry chooses its answer); every layer's last hidden
+    state; a logistic regression fitted on ``train_share`` of the problems and scored on the rest. A
+    read-out near the majority rate means the attempt cannot act on the check at that position."""
     import torch
 
     prompts = [_turn("user", p.text) + ASSISTANT for p in problems]
@@ -408,7 +410,8 @@ def grade_readout(model: Any, problems: Sequence[two_sum.TwoSum], instruction: s
     contexts = []
     for prompt, answer in zip(prompts, first):
         pair = two_sum.parse_pair(answer)
-        tail = f"{sum(pair)} " if restate_sum and pair is not None else ""
+        restated = f"{sum(pair)}" if pair is not None else ""
+        tail = {"start": "", "sum": restated, "answer": restated + " "}[position]
         contexts.append(prompt + answer + END + _turn("user", instruction) + ASSISTANT + tail)
     encoded = [encode(c) for c in contexts]
     width = max(len(ids) for ids in encoded)
