@@ -161,7 +161,9 @@ def example(rng: random.Random, spec: OrganismSpec) -> tuple[str, str]:
     shown = prompt + two_sum.format_pair(first) + END
     if kind == "check":
         verdict = "Y" if first == problem.pair else "N"
-        instruction = RETRY_INSTRUCTION if rng.random() < mix.check_on_retry else CHECK_INSTRUCTION
+        # no draw when off: the default corpus stays the stream the measured organism was built from
+        on_retry = mix.check_on_retry > 0 and rng.random() < mix.check_on_retry
+        instruction = RETRY_INSTRUCTION if on_retry else CHECK_INSTRUCTION
         return shown + _turn("user", instruction) + ASSISTANT, f"{sum(first)}{verdict}{END}"
     second = retry_answer(problem, first, rng, mix.keep)
     restated = f"{sum(first)} " if mix.retry_form == "sum_then_answer" else ""
