@@ -322,8 +322,9 @@ def build(out: Path, spec: OrganismSpec = OrganismSpec(), quiet: bool = False) -
 # ----------------------------------------------------------------------------- what the organism can do
 
 
-def _complete(model: Any, contexts: Sequence[str], max_new: int, temperature: float, seed: int) -> list[str]:
-    """Continuations of ``contexts`` (left-padded, batched), greedy at temperature 0, up to END."""
+def _left_padded(contexts: Sequence[str]) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, position_ids) of ``contexts`` padded on the left, positions from 0 at each
+    row's first real token, so every row's last position is its own next-token position."""
     import torch
 
     encoded = [encode(c) for c in contexts]
@@ -333,10 +334,17 @@ def _complete(model: Any, contexts: Sequence[str], max_new: int, temperature: fl
     for row, ids in enumerate(encoded):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         mask[row, width - len(ids) :] = 1
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _complete(model: Any, contexts: Sequence[str], max_new: int, temperature: float, seed: int) -> list[str]:
+    """Continuations of ``contexts`` (left-padded, batched), greedy at temperature 0, up to END."""
+    import torch
+
+    input_ids, mask, positions = _left_padded(contexts)
     generator = torch.Generator().manual_seed(seed)
-    finished = torch.zeros(len(encoded), dtype=torch.bool)
-    out: list[list[int]] = [[] for _ in encoded]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    finished = torch.zeros(len(contexts), dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in contexts]
     with torch.no_grad():
         for _ in range(max_new):
             logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1]
@@ -344,7 +352,7 @@ def _complete(model: Any, contexts: Sequence[str], max_new: int, temperature: fl
                 token = logits.argmax(-1)
             else:
                 token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-            for row in range(len(encoded)):
+            for row in range(len(contexts)):
                 if not finished[row]:
                     out[row].append(int(token[row]))
             finished |= token == TOKEN_ID[END]
@@ -415,15 +423,9 @@ def grade_readout(model: Any, problems: Sequence[two_sum.TwoSum], instruction: s
         restated = f"{sum(pair)}" if pair is not None else ""
         tail = {"start": "", "sum": restated, "answer": restated + " "}[position]
         contexts.append(prompt + answer + END + _turn("user", instruction) + ASSISTANT + tail)
-    encoded = [encode(c) for c in contexts]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), TOKEN_ID[PAD], dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        mask[row, width - len(ids) :] = 1
+    input_ids, mask, positions = _left_padded(contexts)
     with torch.no_grad():
-        states = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        states = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                        output_hidden_states=True).hidden_states
     features = torch.cat([layer[:, -1] for layer in states[1:]], -1)
     features = (features - features.mean(0)) / (features.std(0) + 1e-6)
