@@ -59,6 +59,11 @@ def _is_done(folder: Path, stamp: dict[str, Any]) -> bool:
     return marker.is_file() and json.loads(marker.read_text()) == stamp
 
 
+def _stamp_digest(stamp: dict[str, Any]) -> str:
+    """A cached folder's name suffix: a hash of every setting that shapes what is built."""
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _build_atomically(folder: Path, stamp: dict[str, Any], build) -> Path:
     """Run ``build(tmp_folder)`` and move the result into place; a crash leaves no half folder."""
     with _locked(folder):
@@ -185,8 +190,7 @@ def organism_folder(spec=None) -> Path:
     from score_ray.organism import OrganismSpec
 
     spec = spec or OrganismSpec()
-    digest = hashlib.sha256(json.dumps(spec.stamp(), sort_keys=True).encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"organism-{digest}"
+    return cache_dir() / "models" / f"organism-{_stamp_digest(spec.stamp())}"
 
 
 def ensure_organism(spec=None, quiet: bool = True) -> Path:
@@ -256,8 +260,7 @@ def make_tiny_model(
 def ensure_tiny_model(**shape: int) -> Path:
     """A cached tiny random model folder for the given shape (see make_tiny_model)."""
     stamp = tiny_model_stamp(shape)
-    digest = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir() / "models" / f"tiny-random-{digest}"
+    folder = cache_dir() / "models" / f"tiny-random-{_stamp_digest(stamp)}"
     return _build_atomically(folder, stamp, lambda tmp: make_tiny_model(tmp, **shape))
 
 
