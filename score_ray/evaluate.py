@@ -8,7 +8,7 @@ comes with a standard error from the eval size.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 if TYPE_CHECKING:
     from score_ray.data import Problem
@@ -53,9 +53,24 @@ def format_table(rows: dict[str, dict[str, float]], problems: str = "held-out") 
     return "\n".join(lines)
 
 
+def answer_of(episode: "Episode", turn: int) -> Optional[str]:
+    """The final answer the grader reads from a math episode's turn (None for code: its answer is the program)."""
+    from score_ray.reward.math import graded_answer
+
+    problem = episode.problem
+    return graded_answer(episode.response_text(turn), problem.answer) if problem.kind == "math" else None
+
+
+def answer_changed(episode: "Episode") -> bool:
+    """Whether the second attempt's final answer differs from the first's (a program: its text, stripped)."""
+    if episode.problem.kind == "math":
+        return answer_of(episode, 1) != answer_of(episode, 2)
+    return episode.response_text(1).strip() != episode.response_text(2).strip()
+
+
 def write_eval_records(path, episodes: Sequence["Episode"]) -> None:
-    """One JSON line per held-out problem (id, r1, r2, both answers, their token lengths and whether they hit
-    the token cap): what a study pairs per problem."""
+    """One JSON line per held-out problem (id, r1, r2, both answers, their token lengths, whether they hit
+    the token cap and whether the final answer changed): what a study pairs per problem."""
     import json
     import os
 
@@ -65,7 +80,7 @@ def write_eval_records(path, episodes: Sequence["Episode"]) -> None:
             handle.write(json.dumps({"id": episode.problem.id, "r1": episode.r1, "r2": episode.r2,
                                      "y1": episode.y1_text, "y2": episode.y2_text, "length1": len(episode.y1),
                                      "length2": len(episode.y2), "truncated1": episode.y1_truncated,
-                                     "truncated2": episode.y2_truncated}) + "\n")
+                                     "truncated2": episode.y2_truncated, "changed": answer_changed(episode)}) + "\n")
     os.replace(tmp, path)
 
 

@@ -10,11 +10,14 @@ models learn from (docs/organism.md):
 - ``check``: a problem, a proposed pair (right half the time, else a near miss) and, after the
   instruction ``!``, the pair's sum and the verdict Y or N (``76Y``): a worked check, as real text has
   them. A verifier the model learns beside its solver, separate from any second attempt.
-- ``retry``: a problem, a first answer and, after the instruction ``?``, a second answer. The second
-  answer repeats the first with probability ``keep`` and otherwise solves the problem with the first
-  answer set aside, whether or not the first was right: the choice to change never looks at the first
-  answer's grade. Changing a right answer therefore always breaks it, and the base's second attempt
-  breaks more than it fixes (its Delta is negative, as the paper's base models' is).
+- ``retry``: a problem, a first answer and, after the instruction ``?``, a second look: the first answer's
+  sum, then ``=`` and the first answer again (with probability ``keep``) or a space and the problem solved
+  with the first answer set aside (``97=1264``, ``97 3520``), whether or not the first was right: the
+  choice to change is a coin that never looks at the first answer's grade. Changing a right answer
+  therefore always breaks it, and the base's second attempt breaks more than it fixes (its Delta is
+  negative, as the paper's base models' is). The choice is written where a check writes its verdict, the
+  one place the organism has the verdict at hand (docs/organism.md): a base that could act on what it
+  knows, and does not.
 
 No example puts an answer after a verdict on an earlier answer to the same problem, and no example's
 choice to change depends on whether the first answer was right: the self-correction policy is not in the
@@ -31,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +58,9 @@ VOCABULARY = list(SPECIAL_TOKENS) + list(CHARACTERS)
 TOKEN_ID = {token: index for index, token in enumerate(VOCABULARY)}
 
 
+RETRY_FORMS = ("sum_then_answer", "answer", "sum_then_choice")
+
+
 @dataclass(frozen=True)
 class CorpusMix:
     """What the pretraining corpus holds, as shares of its examples, and how its answers are drawn."""
@@ -65,16 +72,19 @@ class CorpusMix:
     keep: float = 0.5  # retry: probability the second answer repeats the first, blind to its grade
     verdict_weight: float = 1.0  # loss weight of a check's verdict token (one token against an answer's five)
     # retry: "sum_then_answer" writes the first answer's sum before the second answer (``97 1264``), a
-    # worked step as in the check examples, never a verdict; "answer" writes the second answer alone
-    retry_form: Literal["sum_then_answer", "answer"] = "sum_then_answer"
+    # worked step as in the check examples, never a verdict; "answer" writes the second answer alone;
+    # "sum_then_choice" writes the sum, then ``=`` and the first answer again when the keep coin says keep,
+    # or a space and another answer when it says change (``97=1264``, ``97 3520``): the choice is a coin,
+    # blind to the grade, written where a check writes its verdict
+    retry_form: Literal["sum_then_answer", "answer", "sum_then_choice"] = "sum_then_choice"
     # share of check examples asked with the retry instruction ``?`` instead of ``!``: the second look a
     # ``?`` opens is then sometimes a worked check (ending in its verdict), more often a blind retry, so the
     # organism compares the restated sum with the target where a retry chooses its answer
     check_on_retry: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.retry_form not in ("sum_then_answer", "answer"):
-            raise ValueError(f"CorpusMix.retry_form must be 'sum_then_answer' or 'answer', got {self.retry_form!r}")
+        if self.retry_form not in RETRY_FORMS:
+            raise ValueError(f"CorpusMix.retry_form must be one of {RETRY_FORMS}, got {self.retry_form!r}")
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,10 @@ def example(rng: random.Random, spec: OrganismSpec) -> tuple[str, str]:
         instruction = RETRY_INSTRUCTION if on_retry else CHECK_INSTRUCTION
         return shown + _turn("user", instruction) + ASSISTANT, f"{sum(first)}{verdict}{END}"
     second = retry_answer(problem, first, rng, mix.keep)
-    restated = f"{sum(first)} " if mix.retry_form == "sum_then_answer" else ""
+    if mix.retry_form == "sum_then_choice":
+        restated = f"{sum(first)}{'=' if second == first else ' '}"
+    else:
+        restated = f"{sum(first)} " if mix.retry_form == "sum_then_answer" else ""
     return shown + _turn("user", RETRY_INSTRUCTION) + ASSISTANT, restated + two_sum.format_pair(second) + END
 
 
@@ -377,7 +390,7 @@ def abilities(model: Any, problems: Sequence[two_sum.TwoSum], temperature: float
     verdicts = _complete(model, [s + _turn("user", CHECK_INSTRUCTION) + ASSISTANT for s in shown], 6, 0.0, seed)
     verdicts = [v.lstrip("0123456789") for v in verdicts]  # the sum it writes first, then the verdict
     second = _complete(model, [s + _turn("user", RETRY_INSTRUCTION) + ASSISTANT for s in shown], 12, temperature, seed + 1)
-    second = [a.split(" ")[-1] for a in second]  # the answer, after any restated sum
+    second = [re.split("[ =]", a)[-1] for a in second]  # the answer, after any restated sum and choice
     right2 = [two_sum.parse_pair(a) == p.pair for a, p in zip(second, problems)]
     # the checker on candidates it never proposed: the right pair and a near miss, half each
     candidates = [p.pair if rng.random() < 0.5 else two_sum.distractor(p, rng) for p in problems]

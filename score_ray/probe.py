@@ -17,13 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from score_ray.config import ConfigError, load_config
-
-
-def answer_of(episode, turn: int) -> Optional[str]:
-    from score_ray.reward.math import graded_answer
-
-    problem = episode.problem
-    return graded_answer(episode.response_text(turn), problem.answer) if problem.kind == "math" else None
+from score_ray.evaluate import answer_changed
 
 
 def sampled_stats(episodes: Sequence, r1: Sequence[float], r2: Sequence[float]) -> dict[str, float]:
@@ -36,7 +30,7 @@ def sampled_stats(episodes: Sequence, r1: Sequence[float], r2: Sequence[float]) 
         "sampled/reward_t2": sum(r2) / n,
         "sampled/fixed_given_wrong_t1": sum(b >= 0.5 for b in wrong1) / len(wrong1) if wrong1 else None,
         "sampled/broken_given_right_t1": sum(b < 0.5 for b in right1) / len(right1) if right1 else None,
-        "sampled/answer_changed": sum(answer_of(e, 1) != answer_of(e, 2) for e in episodes) / n,
+        "sampled/answer_changed": sum(answer_changed(e) for e in episodes) / n,
         **{f"sampled/length_t{t}": sum(len(e.response(t)) for e in episodes) / n for t in (1, 2)},
         **{f"sampled/truncated_t{t}": sum(e.truncated(t) for e in episodes) / n for t in (1, 2)},
     }
@@ -87,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = {
         "problems": len(problems), "source": report.source, "samples_per_problem": args.samples,
         **{f"greedy/{k}": v for k, v in self_correction_metrics(g1, g2).items() if k != "n"},
-        "greedy/answer_changed": sum(answer_of(e, 1) != answer_of(e, 2) for e in greedy) / len(greedy),
+        "greedy/answer_changed": sum(answer_changed(e) for e in greedy) / len(greedy),
         **{f"greedy/truncated_t{t}": sum(e.truncated(t) for e in greedy) / len(greedy) for t in (1, 2)},
         **sampled_stats(sampled, s1, s2),
     }

@@ -1,6 +1,7 @@
 """The two-sum task and the organism's corpus, tokenizer and build (fast: no Ray, no vLLM)."""
 
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -71,11 +72,13 @@ def test_the_corpus_never_holds_a_held_out_problem_nor_an_answer_after_a_verdict
             kinds["retry"] += 1
             assert context.endswith(organism.RETRY_INSTRUCTION + organism.ASSISTANT)
             # a retry's context holds the first answer and the instruction, never a verdict; its target
-            # restates the first answer's sum (a worked step, no verdict), then gives an answer
+            # restates the first answer's sum (a worked step, no verdict), then `=` and the first answer
+            # again, or a space and another answer
             first = context.split(organism.ASSISTANT)[1].split(organism.END)[0]
-            restated, answer = target.removesuffix(organism.END).split(" ")
+            restated, choice, answer = re.fullmatch(r"(\d+)([ =])(\d+)", target.removesuffix(organism.END)).groups()
             assert "Y" not in context + target and "N" not in context + target
             assert int(restated) == sum(two_sum.parse_pair(first)) and two_sum.parse_pair(answer) is not None
+            assert (choice == "=") == (answer == first)
     shares = {kind: count / 3000 for kind, count in kinds.items()}
     for kind in ("solve", "check", "retry"):
         assert abs(shares[kind] - getattr(spec.mix, kind)) < 0.04, shares
@@ -94,7 +97,7 @@ def test_the_corpus_changes_a_first_answer_as_often_whether_it_was_right_or_wron
             continue  # a solve or a check
         problem_text = context.split(organism.ASSISTANT)[0].removeprefix(organism.USER)
         first = two_sum.parse_pair(context.split(organism.ASSISTANT)[1].split(organism.END)[0])
-        second = two_sum.parse_pair(target.removesuffix(organism.END).split(" ")[-1])
+        second = two_sum.parse_pair(re.split("[ =]", target.removesuffix(organism.END))[-1])
         right = sum(first) == int(problem_text.split("=")[1])
         changed[right].append(second != first)
     rates = {right: sum(v) / len(v) for right, v in changed.items()}

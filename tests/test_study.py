@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from score_ray.study.stats import common_problems, estimate, gain
+from score_ray.study.stats import change_estimates, common_problems, estimate, gain
 
 
 def test_a_methods_mean_and_error_count_both_problems_and_seeds_by_hand():
@@ -31,6 +31,26 @@ def test_a_gain_is_paired_per_problem():
     assert result["mean"] == pytest.approx(2 / 3)
     assert result["se"] == pytest.approx(math.sqrt((1 / 3) / 3))
     assert common_problems([treated[0], {"a": (0, 0), "c": (0, 0)}]) == ["a", "c"]  # only what both evaluated
+
+
+def test_the_change_rate_and_its_precision_by_hand():
+    # two seeds, four problems; seed 0 changes a (wrong first), b (right first); seed 1 changes a, c (both wrong first)
+    rewards = [{"a": (0.0, 1.0), "b": (1.0, 0.0), "c": (0.0, 0.0), "d": (1.0, 1.0)},
+               {"a": (0.0, 1.0), "b": (1.0, 1.0), "c": (0.0, 1.0), "d": (1.0, 1.0)}]
+    changes = [{"a": True, "b": True, "c": False, "d": False}, {"a": True, "b": False, "c": True, "d": False}]
+    out = change_estimates(rewards, changes, ["a", "b", "c", "d"])
+    assert out["eval/changed"]["mean"] == pytest.approx(0.5)
+    # per problem over seeds: changed b = (1, .5, .5, 0), wrong-and-changed a = (1, 0, .5, 0) -> R = 1.5 / 2
+    ratio = 0.75
+    residuals = [1 - ratio * 1, 0 - ratio * 0.5, 0.5 - ratio * 0.5, 0.0]
+    mean = sum(residuals) / 4
+    problem_term = sum((r - mean) ** 2 for r in residuals) / 3 / (4 * 0.5 ** 2)
+    seed_term = ((0.5 - 0.75) ** 2 + (1.0 - 0.75) ** 2) / 1 / 2  # the seeds' own ratios: 1/2 and 2/2
+    assert out["eval/change_precision"]["mean"] == pytest.approx(ratio)
+    assert out["eval/change_precision"]["se"] == pytest.approx(math.sqrt(problem_term + seed_term))
+    # a method that never changes an answer has a change rate of 0 and no precision
+    never = change_estimates(rewards, [dict.fromkeys("abcd", False)] * 2, ["a", "b", "c", "d"])
+    assert never["eval/changed"]["mean"] == 0.0 and "eval/change_precision" not in never
 
 
 def test_the_study_file_is_checked_and_every_method_keeps_the_same_held_out_set(tmp_path):
@@ -64,20 +84,23 @@ def test_the_report_writes_the_table_plot_and_summary_of_the_finished_runs(tmp_p
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text("{}")
         (folder / "eval_final.jsonl").write_text("".join(
-            json.dumps({"id": f"p{i}", "r1": a, "r2": b}) + "\n" for i, (a, b) in enumerate(rewards)))
+            json.dumps({"id": f"p{i}", "r1": a, "r2": b, "changed": a != b}) + "\n" for i, (a, b) in enumerate(rewards)))
         (folder / "metrics.jsonl").write_text(json.dumps({"iteration": 2, "eval/acc_t1": 0.5, "eval/acc_t2": 0.6}) + "\n")
     summary = write_report(spec)
     out = tmp_path / "results" / "s"
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["n_problems"] == 3 and set(summary["methods"]) == {"base", "score"}
     assert summary["methods"]["score"]["seeds"] == [0, 1]
-    assert set(summary["methods"]["score"]) == {"seeds", "eval/acc_t1", "eval/acc_t2", "eval/delta",
-                                                "eval/delta_i2c", "eval/delta_c2i"}
+    assert set(summary["methods"]["score"]) == {"seeds", "eval/acc_t1", "eval/acc_t2", "eval/delta", "eval/delta_i2c",
+                                                "eval/delta_c2i", "eval/changed", "eval/change_precision"}
+    # base changed only p0, whose first answer was right: precision 0
+    assert summary["methods"]["base"]["eval/change_precision"]["mean"] == 0.0
     # Delta: base (-1, 0, 0) -> -1/3; score (0, +1, 0) and (0, 0, 0) -> 1/6; the gain 1/2
     assert summary["methods"]["base"]["eval/delta"]["mean"] == pytest.approx(-1 / 3)
     assert summary["gain"]["eval/delta"]["mean"] == pytest.approx(1 / 6 + 1 / 3)
     text = (out / "table.md").read_text()
     assert "| score | 2 |" in text and "gain: score - base" in text and "of 3 held-out problems" in text
+    assert "| precision of changes |" in text and "| base | 1 | 66.7 +- 33.3 | 33.3 +- 33.3 " in text
     assert (out / "plot.png").stat().st_size > 10_000
 
 

@@ -8,14 +8,17 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from score_ray.study.stats import PER_PROBLEM, Records, common_problems, estimate, gain
+from score_ray.study.stats import PER_PROBLEM, Records, change_estimates, common_problems, estimate, gain
 
 if TYPE_CHECKING:
     from score_ray.study import StudySpec
 
 KEYS = tuple(PER_PROBLEM)
+# the second attempt's answer changes (score_ray.study.stats.change_estimates), where the records have them
+CHANGE_KEYS = ("eval/changed", "eval/change_precision")
 LABELS = {"eval/acc_t1": "Acc@t1", "eval/acc_t2": "Acc@t2", "eval/delta": "Delta(t1,t2)",
-          "eval/delta_i2c": "Delta_i->c", "eval/delta_c2i": "Delta_c->i"}
+          "eval/delta_i2c": "Delta_i->c", "eval/delta_c2i": "Delta_c->i",
+          "eval/changed": "changed", "eval/change_precision": "precision of changes"}
 
 
 # Where a re-graded report goes: results/<study>/<REGRADED>/, beside the report as the runs graded themselves.
@@ -40,6 +43,19 @@ def read_records(path: Path, truncated_wrong: bool = False) -> Records:
                 r1, r2 = (0.0 if row["truncated1"] else r1), (0.0 if row["truncated2"] else r2)
             records[row["id"]] = (r1, r2)
     return records
+
+
+def read_changes(path: Path) -> Optional[dict[str, bool]]:
+    """problem id -> whether the second attempt changed the final answer, from a run's eval_final.jsonl; None
+    for records written before changes were recorded."""
+    changes = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if "changed" not in row:
+                return None
+            changes[row["id"]] = bool(row["changed"])
+    return changes
 
 
 def read_cut_first_attempts(path: Path) -> Optional[set[str]]:
@@ -79,6 +95,9 @@ def summarise(spec: "StudySpec", runs: dict[str, dict[int, Path]], truncated_wro
     for method, runs_of in records.items():
         summary["methods"][method] = {"seeds": sorted(runs[method]),
                                       **{key: estimate(runs_of, problems, key) for key in KEYS}}
+        changes = [read_changes(folder / "eval_final.jsonl") for folder in runs[method].values()]
+        if all(change is not None for change in changes):
+            summary["methods"][method].update(change_estimates(runs_of, changes, problems))
     if problems and spec.treated in records and spec.control in records:
         summary["gain"] = {key: gain(records[spec.treated], records[spec.control], problems, key) for key in KEYS}
         summary["gain_of"] = f"{spec.treated} - {spec.control}"
@@ -106,8 +125,9 @@ def _gain_split_by_control_cut(treated: list[Records], control: list[Records], c
 
 
 def table(summary: dict) -> str:
-    header = "| method | seeds | " + " | ".join(LABELS[k] for k in KEYS) + " |"
-    lines = [header, "|" + "---|" * (len(KEYS) + 2)]
+    changes = [key for key in CHANGE_KEYS if all(key in entry for entry in summary["methods"].values())]
+    header = "| method | seeds | " + " | ".join(LABELS[k] for k in KEYS + tuple(changes)) + " |"
+    lines = [header, "|" + "---|" * (len(KEYS) + len(changes) + 2)]
     rows = [(name, entry) for name, entry in summary["methods"].items()]
     if "gain" in summary:
         rows.append((f"gain: {summary['gain_of']}", {"seeds": [], **summary["gain"]}))
@@ -117,11 +137,16 @@ def table(summary: dict) -> str:
     for name, entry in rows:
         cells = " | ".join(f"{100 * entry[k]['mean']:+.1f} +- {100 * entry[k]['se']:.1f}" if name.startswith("gain")
                            else f"{100 * entry[k]['mean']:.1f} +- {100 * entry[k]['se']:.1f}" for k in KEYS)
+        cells += "".join(f" | {100 * entry[k]['mean']:.1f} +- {100 * entry[k]['se']:.1f}" if k in entry else " | "
+                         for k in changes)
         seeds = len(entry["seeds"]) if entry["seeds"] else ""
         lines.append(f"| {name} | {seeds} | {cells} |")
     lines.append("")
     lines.append(f"Percent of {summary['n_problems']} held-out problems (greedy, two turns); mean over seeds +- one "
                  "standard error counting the problems (paired per problem) and the seeds.")
+    if changes:
+        lines.append("changed: the second attempt's final answer differs from the first's; precision of changes: of "
+                     "those, the share whose first answer was wrong.")
     if summary.get("gain_split"):
         lines.append("The gain split by whether the control's greedy first attempt was cut at the token cap (in every "
                      "seed): percent of each row's own problems.")

@@ -73,6 +73,28 @@ def gain(treated: Sequence[Records], control: Sequence[Records], problems: Seque
     return {"mean": mean, "se": math.sqrt(_variance(per_problem) / len(per_problem) + seed_term)}
 
 
+def change_estimates(rewards: Sequence[Records], changes: Sequence[dict[str, bool]],
+                     problems: Sequence[str]) -> dict[str, dict[str, float]]:
+    """How often the second attempt changed the final answer (``eval/changed``, a share of the problems) and
+    its precision (``eval/change_precision``: of the changed answers, the share the first attempt had
+    wrong), over the seeds of one method. The precision is a ratio of two means, a/b: its problem term is
+    the delta method's var_i(a_i - R b_i) / (N b^2), its seed term the variance of the seeds' own ratios."""
+    changed = [[float(run[problem]) for problem in problems] for run in changes]
+    wrong_changed = [[float(run[problem]) * (1.0 - _right(seed_rewards[problem][0])) for problem in problems]
+                     for run, seed_rewards in zip(changes, rewards)]
+    a = [sum(column) / len(changed) for column in zip(*wrong_changed)]
+    b = [sum(column) / len(changed) for column in zip(*changed)]
+    out = {"eval/changed": _combine(b, [sum(row) / len(row) for row in changed])}
+    mean_b = sum(b) / len(b)
+    if mean_b > 0:
+        ratio = sum(a) / sum(b)
+        seed_ratios = [sum(x) / sum(y) for x, y in zip(wrong_changed, changed) if sum(y) > 0]
+        problem_term = _variance([x - ratio * y for x, y in zip(a, b)]) / (len(a) * mean_b ** 2)
+        seed_term = _variance(seed_ratios) / len(seed_ratios) if seed_ratios else 0.0
+        out["eval/change_precision"] = {"mean": ratio, "se": math.sqrt(problem_term + seed_term)}
+    return out
+
+
 def _combine(per_problem: list[float], per_seed: list[float]) -> dict[str, float]:
     mean = sum(per_problem) / len(per_problem)
     se = math.sqrt(_variance(per_problem) / len(per_problem) + _variance(per_seed) / len(per_seed))
