@@ -55,3 +55,12 @@ def test_a_short_score_run_teaches_the_organism_to_correct_itself(tmp_path):
     assert numbers["trained_delta"]["mean"] > 3 * numbers["trained_delta"]["se"], numbers
     # ... and not by a worse first attempt (deferring): Acc@t1 within 2 standard errors of the base's, or above
     assert numbers["acc_t1"]["mean"] > -2 * numbers["acc_t1"]["se"], numbers
+    # The generator learned it too, through the weight syncs: its sampled second attempts of the last iterations
+    # fix more answers than they break (the base's break about three times as many as they fix).
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    sampled = [row for row in rows if "train/i2c" in row]
+    first, last = sampled[:5], sampled[-5:]
+    rate = lambda chosen, key: sum(row[key] for row in chosen) / len(chosen)  # noqa: E731
+    print({"first 5 i2c / c2i": (rate(first, "train/i2c"), rate(first, "train/c2i")),
+           "last 5 i2c / c2i": (rate(last, "train/i2c"), rate(last, "train/c2i"))})
+    assert rate(first, "train/c2i") > rate(first, "train/i2c") and rate(last, "train/i2c") > rate(last, "train/c2i")
