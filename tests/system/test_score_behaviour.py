@@ -56,11 +56,11 @@ def test_a_short_score_run_teaches_the_organism_to_correct_itself(tmp_path):
     # ... and not by a worse first attempt (deferring): Acc@t1 within 2 standard errors of the base's, or above
     assert numbers["acc_t1"]["mean"] > -2 * numbers["acc_t1"]["se"], numbers
     # The generator learned it too, through the weight syncs: its sampled second attempts of the last iterations
-    # fix more answers than they break (the base's break about three times as many as they fix).
+    # break right answers less than half as often as those of the first (the base's break about three times as
+    # many as they fix; a generator left on the base's weights would go on breaking as many).
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    sampled = [row for row in rows if "train/i2c" in row]
-    first, last = sampled[:5], sampled[-5:]
-    rate = lambda chosen, key: sum(row[key] for row in chosen) / len(chosen)  # noqa: E731
-    print({"first 5 i2c / c2i": (rate(first, "train/i2c"), rate(first, "train/c2i")),
-           "last 5 i2c / c2i": (rate(last, "train/i2c"), rate(last, "train/c2i"))})
-    assert rate(first, "train/c2i") > rate(first, "train/i2c") and rate(last, "train/i2c") > rate(last, "train/c2i")
+    sampled = [row for row in rows if "train/c2i" in row]
+    broken_first = sum(row["train/c2i"] for row in sampled[:5]) / 5
+    broken_last = sum(row["train/c2i"] for row in sampled[-5:]) / 5
+    print({"sampled c2i, first 5 iterations": broken_first, "last 5": broken_last})
+    assert broken_last < broken_first / 2, (broken_first, broken_last)
