@@ -323,10 +323,13 @@ class Trainer:
         if not any(any(s.loss_mask) for s in samples):  # a baseline found nothing to imitate: no step
             self.learner_version += 1
             return no_step(), off_policy
+        seconds, applied = 0.0, 1.0
         for _ in range(algo.learner_passes(settings.policy_loss, settings.ppo_epochs)):
             step = self.actors.learner.train_step(samples, off_policy=off_policy)
+            seconds, applied = seconds + step["seconds"], min(applied, step["applied"])
         self.learner_version += 1
-        return step, off_policy
+        # the last pass's loss and statistics; the compute of every pass (the learner phase's wall time has them all)
+        return {**step, "seconds": seconds, "applied": applied}, off_policy
 
     def account(self, iteration: int, step: dict[str, float]) -> Optional[str]:
         """Count a skipped (non-finite) step; the reason to halt when too many came in a row."""
