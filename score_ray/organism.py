@@ -176,10 +176,8 @@ def example(rng: random.Random, spec: OrganismSpec) -> tuple[str, str]:
         instruction = RETRY_INSTRUCTION if on_retry else CHECK_INSTRUCTION
         return shown + _turn("user", instruction) + ASSISTANT, f"{sum(first)}{verdict}{END}"
     second = retry_answer(problem, first, rng, mix.keep)
-    if mix.retry_form == "sum_then_choice":
-        restated = f"{sum(first)}{'=' if second == first else ' '}"
-    else:
-        restated = f"{sum(first)} " if mix.retry_form == "sum_then_answer" else ""
+    restated = {"sum_then_choice": f"{sum(first)}{'=' if second == first else ' '}",
+                "sum_then_answer": f"{sum(first)} ", "answer": ""}[mix.retry_form]
     return shown + _turn("user", RETRY_INSTRUCTION) + ASSISTANT, restated + two_sum.format_pair(second) + END
 
 
