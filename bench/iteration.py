@@ -36,7 +36,7 @@ PHASES = [  # (label, wall key, compute key)
     ("rollout", "perf/rollout_seconds", "perf/rollout_compute_seconds"),
     ("grading", "perf/grading_seconds", "perf/grading_compute_seconds"),
     ("reference", "perf/reference_seconds", "perf/reference_compute_seconds"),
-    ("scoring (driver)", "perf/scoring_seconds", "perf/scoring_seconds"),
+    ("credit (driver)", "perf/credit_seconds", "perf/credit_seconds"),
     ("learner", "perf/learner_seconds", "perf/learner_compute_seconds"),
     ("weight sync", "perf/sync_seconds", "perf/sync_compute_seconds"),
 ]

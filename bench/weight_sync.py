@@ -26,6 +26,7 @@ shows itself. Prints tables and writes bench/results/weight_sync.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -51,14 +52,14 @@ def _publish_timed(worker, dtype: str) -> tuple[float, float, list, int]:
     return build, time.perf_counter() - start, [reference], int(buffer.nbytes)  # a listed ref is not resolved
 
 
-def _fetch_and_load(actor, references: list, version: int) -> tuple[float, float]:
+def _fetch_and_load(actor, references: list) -> tuple[float, float]:
     """Inside the GeneratorActor (``__ray_call__``): the argument fetch update_weights gets for free, timed."""
     import ray
 
     start = time.perf_counter()
     payload = ray.get(references[0])
     fetch = time.perf_counter() - start
-    return fetch, actor.update_weights(payload, version)["seconds"]
+    return fetch, actor.update_weights(payload)["seconds"]
 
 
 class _TimedLearner:
@@ -125,7 +126,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)  # never join a running one
     generator = GeneratorActor.options(num_cpus=2).remote(config.model, config.rollout, config.prompts, 0)
     ray.get(generator.ready.remote())
-    version, rows = 0, []
+    rows = []
     for size in sizes:
         overrides = {"trainable": "all"} if size == "all" else {"trainable": "top_layers",
                                                                  "trainable_top_layers": min(int(size), layers)}
@@ -134,26 +135,24 @@ def main() -> None:
         # The trainer's own sync (the CPU transport), its learner timed.
         timed = _TimedLearner(group)
         sync = ObjectStoreSync(timed, [generator])
-        sync.version = version
         sync.push()  # warm-up
         pids = [os.getpid()] + ray.get([a.__ray_call__.remote(lambda actor: os.getpid())
                                         for a in [generator, *group.workers]])
         syncs, steps, baseline, tensors = [], [], [], None
         for _ in range(args.repeats):
             ours, busy = sum(cpu_seconds(p) for p in pids), machine_busy_seconds()
-            syncs.append(sync.push())
+            syncs.append(dataclasses.asdict(sync.push()))
             # cores other processes kept busy meanwhile (another user's jobs; Ray's own daemons count too)
             other = machine_busy_seconds() - busy - (sum(cpu_seconds(p) for p in pids) - ours)
-            syncs[-1]["other_cores"] = max(0.0, other) / syncs[-1]["perf/sync_seconds"]
+            syncs[-1]["other_cores"] = max(0.0, other) / syncs[-1]["seconds"]
             time.sleep(0.5)
             syncs[-1]["publish"] = timed.seconds  # the rest of the sync is the generators' update_weights call
             # the same sync again, each step timed where it runs
-            sync.version += 1
             start = time.perf_counter()
             calls = [group.workers[0].__ray_call__.remote(_publish_timed, "float32")]
             calls += [w.publish_weights.remote("float32") for w in group.workers[1:]]  # ZeRO-3 gathers need all
             build, put, references, nbytes = ray.get(calls)[0]
-            fetch, load_s = ray.get(generator.__ray_call__.remote(_fetch_and_load, references, sync.version))
+            fetch, load_s = ray.get(generator.__ray_call__.remote(_fetch_and_load, references))
             steps.append({"build": build, "put": put, "fetch": fetch, "load": load_s,
                           "total": time.perf_counter() - start})
             if tensors is None:
@@ -163,18 +162,17 @@ def main() -> None:
             time.sleep(0.5)  # OpenMP threads spin a while after their work: let them stop before the next step
             baseline.append(_in_process(tensors, target))
             time.sleep(0.5)
-        version = sync.version
         group.shutdown()
         tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         step = {key: statistics.median(s[key] for s in steps) for key in steps[0]}
-        total = statistics.median(s["perf/sync_seconds"] for s in syncs)
+        total = statistics.median(s["seconds"] for s in syncs)
         row = {
             "trainable": "all" if size == "all" else f"top {min(int(size), layers)} of {layers}",
             "tensors": len(tensors), "tensor_bytes": tensor_bytes, "payload_bytes": nbytes,
-            "sync_s": total, "sync_load_s": statistics.median(s["perf/sync_load_seconds"] for s in syncs),
-            "sync_build_s": statistics.median(s["perf/sync_compute_seconds"] - s["perf/sync_load_seconds"] for s in syncs),
+            "sync_s": total, "sync_load_s": statistics.median(s["load_seconds"] for s in syncs),
+            "sync_build_s": statistics.median(s["compute_seconds"] - s["load_seconds"] for s in syncs),
             "sync_publish_s": statistics.median(s["publish"] for s in syncs),
-            "sync_update_s": statistics.median(s["perf/sync_seconds"] - s["publish"] for s in syncs),
+            "sync_update_s": statistics.median(s["seconds"] - s["publish"] for s in syncs),
             "other_cores": statistics.median(s["other_cores"] for s in syncs),
             "steps_median_s": step, "copy_s": statistics.median(b[0] for b in baseline),
             "safetensors_s": statistics.median(b[1] for b in baseline),
@@ -182,8 +180,8 @@ def main() -> None:
         }
         row["gb_per_s"] = nbytes / 1e9 / total
         # paired: each sync against the in-process copies made right after it, then the median
-        row["ratio_over_copy"] = statistics.median(s["perf/sync_seconds"] / b[0] for s, b in zip(syncs, baseline))
-        row["ratio_over_safetensors"] = statistics.median(s["perf/sync_seconds"] / b[1] for s, b in zip(syncs, baseline))
+        row["ratio_over_copy"] = statistics.median(s["seconds"] / b[0] for s, b in zip(syncs, baseline))
+        row["ratio_over_safetensors"] = statistics.median(s["seconds"] / b[1] for s, b in zip(syncs, baseline))
         rows.append(row)
         del tensors, target
     ray.kill(generator)

@@ -1,5 +1,5 @@
 """The actors of one run: where they are placed, how a lost one is restarted or replaced, and
-what the generators hold (the policy version).
+the policy version: which weights the learner and the generators hold.
 
     generators (vLLM)    rollout: a batch of problems dealt out in shares, a lost share redone
     reference            log-probs of the frozen base model
@@ -27,6 +27,7 @@ from score_ray.data import Problem
 from score_ray.episode import Episode
 from score_ray.faults import PlacementTimeout
 from score_ray.placement import kill_actors, reference_gpus
+from score_ray.records import ReferenceLogprobs, Rollout, SyncStats
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RolloutHandle:
     samples: int
     greedy: bool
     tasks: dict  # ObjectRef -> share index
+    policy_version: int  # the weights the generators held when it was submitted
     turn2_samples: int = 1
 
 
@@ -62,7 +64,7 @@ class ActorGroup:
             for index in range(rollout.num_generators)
         ]
         self.reference = self._start_reference()
-        self.pool = RewardPool.from_config(config.reward, restart_wait_s=max(60.0, config.cluster.resource_timeout_s))
+        self.pool = RewardPool(config.reward, restart_wait_s=max(60.0, config.cluster.resource_timeout_s))
         self.learner = self._start_learner()
         ready = [g.ready.remote() for g in self.generators] + [r.ready.remote() for r in self._references()]
         done, pending = ray.wait(ready, num_returns=len(ready), timeout=max(600.0, config.cluster.resource_timeout_s))
@@ -70,18 +72,33 @@ class ActorGroup:
             raise RuntimeError("generators or the reference did not start in time; check the cluster's free resources")
         ray.get(done)  # an engine that failed to start (e.g. its KV cache does not fit) says why here
         self.weights = weight_sync_for(config, self.learner, self.generators)
+        # The policy version, owned here alone: the generators hold the learner's weights as they were after
+        # ``version`` syncs; the learner's count as many, plus one for every step not yet synced.
+        self.version = 0
+        self.learner_version = 0
         self.restarts = 0
         self.learner_replacements = 0
         self.placements: list[dict[str, Any]] = []
         self.record_placement(0, "start")
 
-    @property
-    def version(self) -> int:
-        """Weights the generators hold: the learner's state after this many syncs."""
-        return self.weights.version
+    def learner_stepped(self) -> None:
+        """The learner took an optimiser step (or a batch with nothing to train on): its weights moved on."""
+        self.learner_version += 1
 
-    def sync_weights(self) -> dict[str, float]:
-        return self.weights.push()
+    def sync_weights(self) -> SyncStats:
+        """Every generator takes the learner's weights, whatever it held (a resume, a replaced learner)."""
+        stats = self.weights.push()
+        self.version += 1
+        self.learner_version = self.version
+        return stats
+
+    def sync_if_behind(self) -> Optional[SyncStats]:
+        """The learner's weights to every generator if they are newer than theirs; None when they are not."""
+        return self.sync_weights() if self.version < self.learner_version else None
+
+    def sampled_by_older_weights(self, rollout: Rollout) -> bool:
+        """Whether weights older than the learner's sampled ``rollout`` (rollout.overlap)."""
+        return rollout.policy_version < self.learner_version
 
     # ------------------------------------------------------------------ placement
     def _start_reference(self):
@@ -169,7 +186,8 @@ class ActorGroup:
         count = len(self.generators)
         seeds = seeds if seeds is not None else [None] * len(problems)
         shares = [(list(problems[i::count]), seeds[i::count]) for i in range(count)]
-        handle = RolloutHandle(shares=shares, samples=samples, greedy=greedy, tasks={}, turn2_samples=turn2_samples)
+        handle = RolloutHandle(shares=shares, samples=samples, greedy=greedy, tasks={}, policy_version=self.version,
+                               turn2_samples=turn2_samples)
         for index, share in enumerate(shares):
             if share[0]:
                 handle.tasks[self._submit(index, handle)] = index
@@ -180,7 +198,7 @@ class ActorGroup:
         return self.generators[index].generate.remote(problems, handle.samples, handle.greedy,
                                                       None if handle.greedy else seeds, handle.turn2_samples)
 
-    def finish_rollout(self, handle: RolloutHandle) -> tuple[list[Episode], dict[str, float]]:
+    def finish_rollout(self, handle: RolloutHandle) -> Rollout:
         """Wait for every share; a share whose generator died is redone on the restarted generator."""
         import ray
 
@@ -197,11 +215,11 @@ class ActorGroup:
                 handle.tasks[self._submit(index, handle)] = index
         episodes = [episode for index in sorted(parts) for episode in parts[index].episodes]
         compute = max((part.seconds for part in parts.values() if part.episodes), default=0.0)
-        return episodes, {"perf/rollout_retries": float(retries), "perf/rollout_compute_seconds": compute}
+        return Rollout(episodes, compute_seconds=compute, retries=retries, policy_version=handle.policy_version)
 
     def generate(self, problems: Sequence[Problem], samples: int, greedy: bool = False,
                  seeds: Optional[list[int]] = None) -> list[Episode]:
-        return self.finish_rollout(self.start_rollout(problems, samples, greedy, seeds))[0]
+        return self.finish_rollout(self.start_rollout(problems, samples, greedy, seeds)).episodes
 
     def _recover_generator(self, index: int, err: Exception) -> None:
         import ray
@@ -235,15 +253,13 @@ class ActorGroup:
         return [] if self.reference is None else [self.reference]
 
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
-                           temperatures: list[list[float]]) -> tuple[list[list[float]], float]:
-        """(the frozen reference's log-probs at the ``select``-ed positions, each at its own sampling temperature,
-        its compute seconds)."""
+                           temperatures: list[list[float]]) -> ReferenceLogprobs:
+        """The frozen reference's log-probs at the ``select``-ed positions, each at its own sampling temperature."""
         from score_ray.learner import gather
 
         if self.reference is None:  # the learner ranks serve it from their shared trunk
             return self.learner.reference_logprobs(sequences, select, temperatures)
-        result = gather([self.reference.sequence_logprobs.remote(sequences, select, temperatures)], "reference")[0]
-        return result, gather([self.reference.last_call_seconds.remote()], "reference")[0]
+        return gather([self.reference.reference_logprobs.remote(sequences, select, temperatures)], "reference")[0]
 
     def shutdown(self) -> None:
         self.pool.shutdown()

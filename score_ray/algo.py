@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Hashable, Optional, Sequence
 
+from score_ray.records import Credit
+
 STAGE_I = 1
 STAGE_II = 2
 
@@ -185,7 +187,7 @@ def token_loss(
     return loss, stats
 
 
-def score_turns(
+def assign_credit(
     stage: int,
     r1: Sequence[float],
     r2: Sequence[float],
@@ -200,7 +202,7 @@ def score_turns(
     kl2: Sequence[float] = (),
     turn2_groups: Optional[Sequence[Hashable]] = None,
     trains_turn1: Optional[Sequence[bool]] = None,
-) -> dict[str, list[float]]:
+) -> Credit:
     """Per-episode turn rewards, advantages and KL coefficients for one batch.
 
     ``kl1`` / ``kl2`` are each episode's summed per-token log-ratio log(pi/ref) on
@@ -209,8 +211,7 @@ def score_turns(
     advantages by first attempt (default: ``groups``), so a correction is compared with the other corrections
     of the same y1, and ``trains_turn1`` marks the one episode per y1 that trains turn 1: turn 1's advantages
     are computed over those alone (each y1 counted once) and are 0 elsewhere.
-    Returns lists: reward1, reward2 (shaped, before KL), adv1, adv2, kl_coef1, kl_coef2.
-    When the KL is in the reward, the loss's KL coefficients are 0.
+    The rewards are shaped, before the KL. When the KL is in the reward, the loss's KL coefficients are 0.
     """
     coef1, coef2 = turn_kl_coefs(stage, beta1, beta2)
     shaped = [turn_rewards(stage, a, b, alpha) for a, b in zip(r1, r2)]
@@ -233,11 +234,4 @@ def score_turns(
     for i, value in zip(rows1, adv1_rows):
         adv1[i] = value
     loss_coef1, loss_coef2 = (0.0, 0.0) if kl_in_reward else (coef1, coef2)
-    return {
-        "reward1": reward1,
-        "reward2": reward2,
-        "adv1": adv1,
-        "adv2": adv2,
-        "kl_coef1": [loss_coef1] * n,
-        "kl_coef2": [loss_coef2] * n,
-    }
+    return Credit(reward1, reward2, adv1, adv2, [loss_coef1] * n, [loss_coef2] * n)

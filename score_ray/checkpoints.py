@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from score_ray.faults import LearnerLost
 
@@ -31,7 +31,6 @@ class TrainerState:
     iteration: int = 0  # iterations completed
     epoch: int = 0
     position: int = 0  # next index into this epoch's order of training problems
-    rng_state: Any = None
     base_eval: Optional[dict[str, float]] = None
     skipped_steps: int = 0  # optimiser steps DeepSpeed dropped for a non-finite gradient
     skipped_in_row: int = 0
@@ -105,10 +104,8 @@ def save_checkpoint(run_dir: Path, learner, state: TrainerState, keep: int) -> P
 
 def load_state(folder: Path) -> TrainerState:
     data = json.loads((folder / "trainer_state.json").read_text())
-    state = TrainerState(**data)
-    if state.rng_state is not None:  # JSON turned random.getstate()'s tuples into lists
-        state.rng_state = (state.rng_state[0], tuple(state.rng_state[1]), state.rng_state[2])
-    return state
+    data.pop("rng_state", None)  # written by earlier versions, never drawn from: every seed is derived
+    return TrainerState(**data)
 
 
 def load_newest(run_dir: Path, learner) -> tuple[Optional[Path], TrainerState]:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from score_ray import algo as _algo
-from score_ray import prompts as _prompts
+from score_ray import instructions as _instructions
 
 Split = Literal["train", "test"]
 
@@ -177,12 +177,12 @@ class DataConfig(_Strict):
 class PromptsConfig(_Strict):
     """The paper's instructions (PAPER.md) and how a problem is placed around them."""
 
-    math_first_turn: str = _prompts.MATH_FIRST_TURN
-    math_self_correction: str = _prompts.MATH_SELF_CORRECTION
-    code_first_turn: str = _prompts.CODE_FIRST_TURN
-    code_self_correction: str = _prompts.CODE_SELF_CORRECTION
-    math_user_template: str = _prompts.MATH_USER_TEMPLATE
-    code_user_template: str = _prompts.CODE_USER_TEMPLATE
+    math_first_turn: str = _instructions.MATH_FIRST_TURN
+    math_self_correction: str = _instructions.MATH_SELF_CORRECTION
+    code_first_turn: str = _instructions.CODE_FIRST_TURN
+    code_self_correction: str = _instructions.CODE_SELF_CORRECTION
+    math_user_template: str = _instructions.MATH_USER_TEMPLATE
+    code_user_template: str = _instructions.CODE_USER_TEMPLATE
     system_prompt: Optional[str] = Field(None, description="None keeps the chat template's own default")
 
     @field_validator("math_user_template", "code_user_template")

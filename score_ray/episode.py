@@ -38,7 +38,6 @@ class Episode:
 
     y1_text: str = ""  # the decoded responses, as the graders read them
     y2_text: str = ""
-    weight_version: int = 0  # weight syncs the generator had received when it sampled this episode
     # which of the second attempts at this y1 this is (0 .. rollout.turn2_samples - 1): the episodes of one y1
     # share x1, y1 and x2, and only branch 0 trains turn 1
     branch: int = 0

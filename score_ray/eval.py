@@ -28,7 +28,7 @@ def start_engine(config, path: str):
     generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
                                        num_gpus=config.rollout.gpus_per_generator).remote(
         config.model.model_copy(update={"path": path}), config.rollout, config.prompts, config.run.seed)
-    return generator, RewardPool.from_config(config.reward)
+    return generator, RewardPool(config.reward)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -58,11 +58,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import ray
 
-    from score_ray.assets import resolve_model_path
+    from score_ray.assets import model_folder
     from score_ray.data import load_problems
     from score_ray.evaluate import format_table, two_turn_eval, write_eval_records
     try:
-        path = resolve_model_path(config.model.path, config.model.tiny.model_dump())
+        path = model_folder(config.model)
         problems, report = load_problems(config.data.train if args.on_train else config.data.eval)
     except (FileNotFoundError, ValueError) as err:
         print(f"score_ray.eval: {err}", file=sys.stderr)

@@ -8,14 +8,13 @@ comes with a standard error from the eval size.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:
     from score_ray.data import Problem
     from score_ray.episode import Episode
 
-EVAL_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i")
-LABELS = {"acc_t1": "Acc@t1", "acc_t2": "Acc@t2", "delta": "Delta(t1,t2)", "delta_i2c": "Delta_i->c", "delta_c2i": "Delta_c->i"}
+from score_ray.outcomes import LABELS, METRIC_KEYS, PER_PROBLEM
 
 
 def self_correction_metrics(r1: Sequence[float], r2: Sequence[float]) -> dict[str, float]:
@@ -23,15 +22,7 @@ def self_correction_metrics(r1: Sequence[float], r2: Sequence[float]) -> dict[st
     n = len(r1)
     if n == 0 or n != len(r2):
         raise ValueError("need the same, non-zero number of turn-1 and turn-2 rewards")
-    right1 = [x >= 0.5 for x in r1]
-    right2 = [x >= 0.5 for x in r2]
-    per_problem = {
-        "acc_t1": [float(a) for a in right1],
-        "acc_t2": [float(b) for b in right2],
-        "delta": [float(b) - float(a) for a, b in zip(right1, right2)],
-        "delta_i2c": [float(not a and b) for a, b in zip(right1, right2)],
-        "delta_c2i": [float(a and not b) for a, b in zip(right1, right2)],
-    }
+    per_problem = {key: [value(a, b) for a, b in zip(r1, r2)] for key, value in PER_PROBLEM.items()}
     metrics: dict[str, float] = {"n": float(n)}
     for key, values in per_problem.items():
         mean = sum(values) / n
@@ -43,10 +34,10 @@ def self_correction_metrics(r1: Sequence[float], r2: Sequence[float]) -> dict[st
 
 def format_table(rows: dict[str, dict[str, float]], problems: str = "held-out") -> str:
     """A paper-style table: one row per model, percentages with +- standard errors (``problems``: which split)."""
-    header = f"{'model':<14}" + "".join(f"{LABELS[k]:>18}" for k in EVAL_KEYS)
+    header = f"{'model':<14}" + "".join(f"{LABELS[k]:>18}" for k in METRIC_KEYS)
     lines = [header, "-" * len(header)]
     for name, metrics in rows.items():
-        cells = "".join(f"{100 * metrics[k]:>10.1f} +-{100 * metrics[k + '_se']:4.1f}" for k in EVAL_KEYS)
+        cells = "".join(f"{100 * metrics[k]:>10.1f} +-{100 * metrics[k + '_se']:4.1f}" for k in METRIC_KEYS)
         lines.append(f"{name:<14}{cells}")
     n = next(iter(rows.values()))["n"] if rows else 0
     lines.append(f"(percent of {int(n)} {problems} problems, greedy; +- one standard error)")
@@ -84,25 +75,6 @@ def write_eval_records(path, episodes: Sequence["Episode"]) -> None:
     os.replace(tmp, path)
 
 
-def grade_episodes(pool, episodes: Sequence["Episode"]) -> tuple[list[float], list[float], list[dict[str, Any]]]:
-    """Rewards of both turns of every episode through the reward pool."""
-    records = []
-    for episode in episodes:
-        problem = episode.problem
-        for turn in (1, 2):
-            record = {"kind": problem.kind, "response": episode.response_text(turn), "truncated": episode.truncated(turn)}
-            if problem.kind == "math":
-                record["answer"] = problem.answer
-            else:
-                record["tests"] = problem.tests
-                record["entry_point"] = problem.entry_point
-            records.append(record)
-    results = pool.grade(records)
-    r1 = [results[2 * i]["reward"] for i in range(len(episodes))]
-    r2 = [results[2 * i + 1]["reward"] for i in range(len(episodes))]
-    return r1, r2, results
-
-
 def two_turn_eval(
     generate: Callable[[Sequence["Problem"]], list["Episode"]], pool, problems: Sequence["Problem"], label: str = "eval",
     chunk: int = 200,  # config: eval.batch_problems
@@ -116,13 +88,15 @@ def two_turn_eval(
 
     from tqdm import tqdm
 
+    from score_ray.reward import grade_episodes
+
     episodes: list["Episode"] = []
     with tqdm(total=len(problems), desc=label, unit="problem", disable=not sys.stderr.isatty(), leave=False) as bar:
         for start in range(0, len(problems), chunk):
             batch = problems[start : start + chunk]
             episodes += generate(batch)
             bar.update(len(batch))
-    r1, r2, results = grade_episodes(pool, episodes)
-    for episode, a, b in zip(episodes, r1, r2):
+    grades = grade_episodes(pool, episodes)
+    for episode, a, b in zip(episodes, grades.r1, grades.r2):
         episode.r1, episode.r2 = a, b
-    return self_correction_metrics(r1, r2), episodes
+    return self_correction_metrics(grades.r1, grades.r2), episodes

@@ -3,10 +3,10 @@ non-finite optimiser steps. Pure accounting; the trainer decides what to do (see
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 if TYPE_CHECKING:
-    from score_ray.checkpoints import TrainerState
+    from score_ray.reward.types import GradeResult
 
 MAX_RECOVERIES_IN_ROW = 3  # learner losses while the previous one is still being recovered
 
@@ -23,21 +23,28 @@ class TrainingHalted(RuntimeError):
     """The run stopped itself (e.g. non-finite steps in a row) after checkpointing its last good state."""
 
 
-def grading_alarm(graded: Sequence[dict], threshold: float) -> Optional[str]:
+def grading_alarm(graded: Sequence["GradeResult"], threshold: float) -> Optional[str]:
     """A warning when more than ``threshold`` of the grades timed out or failed (their rewards are 0)."""
     if not graded:
         return None
-    timeouts = [g for g in graded if g["status"] == "timeout"]
-    errors = [g for g in graded if g["status"] == "error"]
+    timeouts = [g for g in graded if g.status == "timeout"]
+    errors = [g for g in graded if g.status == "error"]
     share = (len(timeouts) + len(errors)) / len(graded)
     if share <= threshold:
         return None
-    first = (errors or timeouts)[0].get("detail", "")
+    first = (errors or timeouts)[0].detail
     return (f"{share:.0%} of {len(graded)} grades failed (timeout {len(timeouts)}, error {len(errors)}; "
             f"reward.alarm_fraction={threshold:g}); they count as reward 0. First: {str(first)[:200]}")
 
 
-def account_step(state: "TrainerState", applied: bool, limit: int) -> Optional[str]:
+class SkipCounts(Protocol):
+    """What the accounting of skipped steps keeps (score_ray.checkpoints.TrainerState checkpoints it)."""
+
+    skipped_steps: int
+    skipped_in_row: int
+
+
+def account_step(state: SkipCounts, applied: bool, limit: int) -> Optional[str]:
     """Count a skipped (non-finite) optimiser step; the reason to stop once ``limit`` came in a row."""
     if applied:
         state.skipped_in_row = 0

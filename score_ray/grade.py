@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from score_ray.config import RewardConfig, SandboxConfig
-from score_ray.reward.types import STATUSES
+from score_ray.reward.types import STATUSES, GradeRequest, GradeResult
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -82,17 +82,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     # "local": a Ray of our own unless RAY_ADDRESS names one (never a stray local cluster of another program)
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False, include_dashboard=False)
     start = time.monotonic()
-    pool = RewardPool.from_config(config)
+    pool = RewardPool(config)
     valid = [record for record in records if "_invalid" not in record]
     with tqdm(total=len(valid), unit="rec", disable=not sys.stderr.isatty(), desc="grading") as bar:
-        graded = iter(pool.grade(valid, on_progress=bar.update))
+        graded = iter(pool.grade([GradeRequest.from_record(r) for r in valid], on_progress=bar.update))
     seconds = time.monotonic() - start
     results = []
     for record in records:
         if "_invalid" in record:
-            result = {"reward": 0.0, "status": "error", "seconds": 0.0, "detail": record.pop("_invalid")}
+            result = GradeResult(0.0, "error", 0.0, detail=record.pop("_invalid")).to_dict()
         else:
-            result = next(graded)
+            result = next(graded).to_dict()
         results.append({**record, **result})
     pool.shutdown()
     ray.shutdown()

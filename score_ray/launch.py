@@ -60,7 +60,7 @@ def run_dir_for(config: Config) -> Path:
 
 def preflight(config: Config) -> dict:
     """Cheap checks before any actor starts: data sources, model folder, chat template."""
-    from score_ray.assets import resolve_model_path
+    from score_ray.assets import model_folder
     from score_ray.data import load_problems
     from score_ray.prompts import TwoTurnPrompter
 
@@ -69,7 +69,7 @@ def preflight(config: Config) -> dict:
         problems, report = load_problems(getattr(config.data, name))
         print(f"data.{name}: {report.summary()}")
         found[name] = problems
-    model_path = resolve_model_path(config.model.path, config.model.tiny.model_dump())
+    model_path = model_folder(config.model)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)

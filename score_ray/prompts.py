@@ -1,4 +1,4 @@
-"""The paper's instructions and the two-turn prompt layout, as token ids.
+"""The two-turn prompt layout, as token ids (the instructions' text: score_ray.instructions).
 
 Turn 1 is the problem rendered through the tokenizer's chat template. Turn 2 is
 built from the token ids that were *sampled* in turn 1 plus the ids of the
@@ -13,35 +13,9 @@ Imports no torch: only a tokenizer object with ``apply_chat_template`` and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-if TYPE_CHECKING:
-    from score_ray.config import PromptsConfig
-
-# Verbatim from the paper (PAPER.md, "Prompts").
-MATH_FIRST_TURN = (
-    "You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
-    "step by step. At the end of the Solution, when you give your final answer, write it in the form "
-    '"Final Answer: The final answer is $answer$. I hope it is correct."'
-)
-MATH_SELF_CORRECTION = (
-    "There might be an error in the solution above because of lack of understanding of the question. Please "
-    "correct the error, if any, and rewrite the solution. Only output the final solution! At the end of the "
-    "Solution, when you give your final answer, write it in the form "
-    '"Final Answer: The final answer is $answer$. I hope it is correct."'
-)
-CODE_SELF_CORRECTION = (
-    "There might be an error in the code above because of lack of understanding of the question. Please "
-    "correct the error, if any, and rewrite the solution. Only output the final correct Python program!"
-)
-# The paper trains code with MBPP's standard prompt ("You are an expert Python programmer, and here is
-# your task: ..."); its 3-shot examples come from the data (see data.FileSource.fewshot_*), and
-# HumanEval is evaluated zero-shot. This opening line is the MBPP prompt's.
-CODE_FIRST_TURN = "You are an expert Python programmer, and here is your task:"
-
-# How a problem sits around the instruction in the first user message (config keys).
-MATH_USER_TEMPLATE = "{instruction}\n\nProblem:\n{problem}"
-CODE_USER_TEMPLATE = "{instruction} {problem}"
+from score_ray.config import PromptsConfig
 
 _PLACEHOLDER = "\x00SCORE_RAY_ASSISTANT\x00"
 
@@ -54,9 +28,7 @@ class TwoTurnPrompter:
     around it; they are tokenised once and reused for every episode.
     """
 
-    def __init__(self, tokenizer: Any, prompts: Optional["PromptsConfig"] = None):
-        from score_ray.config import PromptsConfig  # config imports this module's defaults
-
+    def __init__(self, tokenizer: Any, prompts: Optional[PromptsConfig] = None):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "

@@ -145,7 +145,7 @@ class GeneratorActor:
         nccl_weight_sync: bool = False,
         nccl_buffer_bytes: int = 0,
     ):
-        from score_ray.assets import resolve_model_path, vllm_cpu_environment
+        from score_ray.assets import model_folder, vllm_cpu_environment
 
         self.on_gpu = bool(ray.get_gpu_ids())
         if not self.on_gpu:
@@ -157,7 +157,7 @@ class GeneratorActor:
 
         self.rollout = rollout
         # on this node: the driver's paths may not exist here
-        model_path = resolve_model_path(model.path, model.tiny.model_dump())
+        model_path = model_folder(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.prompter = TwoTurnPrompter(self.tokenizer, prompts)
         transfer = 0
@@ -175,7 +175,6 @@ class GeneratorActor:
                 ) from err
             raise
         self.llm.collective_rpc("score_ray_quiet_partial_reload")
-        self.weight_version = 0
 
     def ready(self) -> dict[str, Any]:
         from score_ray.placement import this_node
@@ -259,7 +258,6 @@ class GeneratorActor:
         branched = []
         for episode, output in zip(episodes, second):
             episode.y1_text = self.tokenizer.decode(episode.y1, skip_special_tokens=True)
-            episode.weight_version = self.weight_version
             for branch, sample in enumerate(output.outputs):
                 y2 = list(sample.token_ids)
                 branched.append(replace(
@@ -269,12 +267,11 @@ class GeneratorActor:
         return branched
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, payload, version: int) -> dict[str, float]:
+    def update_weights(self, payload) -> dict[str, float]:
         """Load new weights (a packed (header, buffer), score_ray.weight_pack) and drop cached prefixes."""
         start = time.monotonic()
         counts = self.llm.collective_rpc("score_ray_load_weights", args=(payload,))
         self.llm.reset_prefix_cache()
-        self.weight_version = version
         return {"tensors": float(counts[0]), "seconds": time.monotonic() - start}
 
     # GPU: vLLM's NCCL weight-transfer engine, driven by the learner's rank 0 (score_ray.weight_sync_gpu)
@@ -287,7 +284,6 @@ class GeneratorActor:
         from score_ray.weight_sync_gpu import NcclWeightSync
 
         NcclWeightSync.engine_update(self.llm, update_info)  # resets the prefix cache too
-        self.weight_version += 1
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token t | < t) for t >= 1 of fixed sequences, from the engine's current weights."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 from score_ray.episode import TURNS, Episode
+from score_ray.outcomes import is_right
+from score_ray.records import Credit
 
 # The per-position fields of a LearnerSample, in the order the learner collates them.
 POSITION_FIELDS = ("loss_mask", "advantage", "kl_coef", "old_logp", "ref_logp", "temperature")
@@ -61,11 +63,11 @@ def trained_positions(episode: Episode) -> list[float]:
 
 
 def build_samples(
-    episodes: Sequence[Episode], ref_logps: Sequence[list[float]], scored: dict[str, list[float]],
+    episodes: Sequence[Episode], ref_logps: Sequence[list[float]], credit: Credit,
     turns: Sequence[int] = TURNS, temperature: Optional[float] = None,
 ) -> list[LearnerSample]:
     """One sample per episode: the full sequence x2 + y2 with the tokens of the turns in ``turns`` trained
-    ([1] is single-turn RL). ``scored`` is ``algo.score_turns``'s output (adv1/2, kl_coef1/2 per episode).
+    ([1] is single-turn RL), with each turn's advantage and KL coefficient from ``credit``.
     Of the episodes that share a y1 (rollout.turn2_samples), only branch 0 trains turn 1. Each position is
     scored at the temperature its token was sampled at, or with ``temperature`` all at that one (the
     supervised baselines: their targets are imitated, not compared with the sampler's probabilities)."""
@@ -78,8 +80,8 @@ def build_samples(
                 continue
             start, end = episode.turn_span(turn)
             mask[start:end] = [1.0] * (end - start)
-            advantage[start:end] = [scored[f"adv{turn}"][index]] * (end - start)
-            coef[start:end] = [scored[f"kl_coef{turn}"][index]] * (end - start)
+            advantage[start:end] = [credit.advantage(turn)[index]] * (end - start)
+            coef[start:end] = [credit.kl_coef(turn)[index]] * (end - start)
             logp = episode.response_logp(turn)
             if len(logp) != end - start:
                 raise ValueError(f"episode of {episode.problem.id}: turn {turn} has {end - start} tokens but "
@@ -108,7 +110,7 @@ def turn_kl_sums(episode: Episode, ref: list[float]) -> tuple[float, float]:
 
 def star_episodes(episodes: Sequence[Episode], r2: Sequence[float]) -> list[Episode]:
     """STaR: the episodes whose second attempt is right (both turns are then trained)."""
-    return [episode for episode, reward in zip(episodes, r2) if reward >= 0.5]
+    return [episode for episode, reward in zip(episodes, r2) if is_right(reward)]
 
 
 def pair_sft_episodes(episodes: Sequence[Episode], r1: Sequence[float], r2: Sequence[float]) -> list[Episode]:
@@ -117,22 +119,22 @@ def pair_sft_episodes(episodes: Sequence[Episode], r1: Sequence[float], r2: Sequ
     right: dict[str, tuple[list[int], list[float], str, float]] = {}
     for episode, a, b in zip(episodes, r1, r2):
         for turn, reward in ((1, a), (2, b)):
-            if reward >= 0.5 and episode.problem.id not in right:
+            if is_right(reward) and episode.problem.id not in right:
                 right[episode.problem.id] = (episode.response(turn), episode.response_logp(turn),
                                              episode.response_text(turn), episode.temperature(turn))
     paired = []
     for episode, a in zip(episodes, r1):
-        if a < 0.5 and episode.problem.id in right:
+        if not is_right(a) and episode.problem.id in right:
             tokens, logp, text, temperature = right[episode.problem.id]
             paired.append(replace(episode, y2=list(tokens), y2_logp=list(logp), y2_text=text, y2_truncated=False,
                                   y2_temperature=temperature))
     return paired
 
 
-def supervised_credit(count: int) -> dict[str, list[float]]:
-    """``algo.score_turns``'s shape for the supervised baselines: advantage 1 on every chosen episode, no KL."""
-    return {"reward1": [1.0] * count, "reward2": [1.0] * count, "adv1": [1.0] * count, "adv2": [1.0] * count,
-            "kl_coef1": [0.0] * count, "kl_coef2": [0.0] * count}
+def supervised_credit(count: int) -> Credit:
+    """The supervised baselines' credit: advantage 1 on every chosen episode, no KL (a cross-entropy)."""
+    ones, zeros = [1.0] * count, [0.0] * count
+    return Credit(ones, ones, ones, ones, zeros, zeros)
 
 
 # The turns each supervised objective trains.

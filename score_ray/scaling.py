@@ -58,6 +58,7 @@ def problem_samples(episodes, r1: Sequence[float], r2: Sequence[float]) -> list[
     """Group graded episodes by problem, in order. An answer counts as right when a whole response giving it
     was graded right (the grader reads the same answer the same way; a cut response earns nothing)."""
     from score_ray.evaluate import answer_of
+    from score_ray.outcomes import is_right
 
     by_problem: dict[str, list[tuple[Optional[str], Optional[str]]]] = {}
     right: dict[str, set[str]] = {}
@@ -65,7 +66,7 @@ def problem_samples(episodes, r1: Sequence[float], r2: Sequence[float]) -> list[
         answers = []
         for turn, reward in ((1, a), (2, b)):
             answer = None if episode.truncated(turn) else answer_of(episode, turn)
-            if answer is not None and reward >= 0.5:
+            if answer is not None and is_right(reward):
                 right.setdefault(episode.problem.id, set()).add(answer)
             answers.append(answer)
         by_problem.setdefault(episode.problem.id, []).append((answers[0], answers[1]))
@@ -78,7 +79,7 @@ def sample_model(config, path: str, problems, samples: int) -> list[ProblemSampl
 
     from score_ray.batches import sampling_seeds
     from score_ray.eval import start_engine
-    from score_ray.evaluate import grade_episodes
+    from score_ray.reward import grade_episodes
 
     generator, pool = start_engine(config, path)
     try:
@@ -88,12 +89,12 @@ def sample_model(config, path: str, problems, samples: int) -> list[ProblemSampl
             batch = problems[start : start + size]
             seeds = sampling_seeds(config.run.seed, start // size + 1, batch)
             episodes += ray.get(generator.generate.remote(batch, samples, False, seeds)).episodes
-        r1, r2, _ = grade_episodes(pool, episodes)
+        grades = grade_episodes(pool, episodes)
     finally:
         pool.shutdown()
         ray.kill(generator)
         ray.shutdown()
-    return problem_samples(episodes, r1, r2)
+    return problem_samples(episodes, grades.r1, grades.r2)
 
 
 def plot(curves: dict[str, dict[str, dict[int, float]]], path: Path, problems: int) -> None:

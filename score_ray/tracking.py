@@ -63,11 +63,13 @@ class MetricsLogger:
             return
         import wandb
 
+        from score_ray.outcomes import corrected
+
         table = wandb.Table(columns=["iteration", "problem", "y1", "y2", "r1", "r2", "corrected"])
         for episode in episodes[:limit]:
             table.add_data(
                 iteration, episode.problem.prompt, episode.y1_text, episode.y2_text,
-                episode.r1, episode.r2, episode.r1 < 0.5 <= episode.r2,
+                episode.r1, episode.r2, corrected(episode.r1, episode.r2),
             )
         self.run.log({"iteration": iteration, "eval/samples": table})
 

@@ -11,19 +11,19 @@ is one iteration, step by step:
     then       metrics (score_ray.metrics); every k iterations a greedy two-turn eval on held-out
                problems; checkpoints (score_ray.checkpoints)
 
-The actors and their recovery live in score_ray.actor_group; the problem order and seeds in
-score_ray.batches; what a fault means in score_ray.faults.
+Each phase returns a typed record (score_ray.records); the iteration's ``IterationResult`` is all its metrics
+are made of. The actors, their recovery and the policy version live in score_ray.actor_group; the problem order
+and seeds in score_ray.batches; what a fault means in score_ray.faults.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from score_ray import algo
 from score_ray.actor_group import ActorGroup, RolloutHandle
@@ -32,7 +32,7 @@ from score_ray.checkpoints import TrainerState, load_newest, roll_back_metrics, 
 from score_ray.config import Config, dump_config
 from score_ray.data import Problem
 from score_ray.episode import Episode
-from score_ray.evaluate import format_table, grade_episodes, two_turn_eval, write_eval_records
+from score_ray.evaluate import format_table, two_turn_eval, write_eval_records
 from score_ray.faults import (
     MAX_RECOVERIES_IN_ROW,
     LearnerLost,
@@ -41,9 +41,19 @@ from score_ray.faults import (
     account_step,
     grading_alarm,
 )
-from score_ray.learner import no_step
-from score_ray.metrics import ITERATION, PhaseTimer, eval_metrics, iteration_metrics, orchestration
+from score_ray.metrics import ITERATION, PhaseTimer, eval_metrics, iteration_metrics
 from score_ray.placement import check_resources, ray_init
+from score_ray.records import (
+    Credit,
+    Evaluation,
+    Grades,
+    IterationResult,
+    ReferenceLogprobs,
+    Rollout,
+    StepStats,
+    SyncStats,
+)
+from score_ray.reward import grade_episodes
 from score_ray.samples import (
     SUPERVISED_TURNS,
     build_samples,
@@ -61,11 +71,11 @@ def train(config: Config, run_dir: Path) -> int:
     """Train; returns a process exit code."""
     import ray
 
-    from score_ray.assets import resolve_model_path
+    from score_ray.assets import model_folder
     from score_ray.data import load_problems
 
     (run_dir / "config.yaml").write_text(dump_config(config))
-    model_path = resolve_model_path(config.model.path, config.model.tiny.model_dump())
+    model_path = model_folder(config.model)
     train_problems, _ = load_problems(config.data.train)
     eval_problems, _ = load_problems(config.data.eval)
     eval_problems = eval_problems[: config.eval.max_problems] if config.eval.max_problems else eval_problems
@@ -109,13 +119,11 @@ class Trainer:
         self.plan = algo.stage_plan(schedule.stage1_iterations, schedule.stage2_iterations, schedule.rounds)
         self.overlap = config.rollout.overlap
         self.state = TrainerState()
-        self.rng = random.Random(config.run.seed)
         self.logger = None
         self.bar = None
         self.stage_name = ""
         self.durations: list[float] = []
         self.prefetched: Optional[tuple[RolloutHandle, tuple[int, int]]] = None  # rollout.overlap: in flight
-        self.learner_version = 0  # weights the learner holds, counted like the generators' version
 
     # ------------------------------------------------------------------ start, finish
     def start(self, resuming: bool) -> None:
@@ -134,16 +142,13 @@ class Trainer:
                   + (f" ({moved} metric rows logged after it moved to metrics.rolled_back.jsonl)" if moved else ""),
                   flush=True)
         self.logger = MetricsLogger(self.run_dir, self.config, resume=resumed_from is not None)
-        if self.state.rng_state is not None:
-            self.rng.setstate(self.state.rng_state)
-        self.learner_version = self.actors.version  # after the resume's sync: both hold the checkpoint's weights
         if resumed_from is None and self.config.eval.at_start:
-            metrics, episodes = self.evaluate("base eval")
-            self.state.base_eval = metrics
-            self.logger.log({ITERATION: 0, **eval_metrics(metrics)})
-            self.logger.log_samples(0, episodes)
-            write_eval_records(self.run_dir / "eval_base.jsonl", episodes)
-            print("base model:\n" + format_table({"base": metrics}), flush=True)
+            base = self.evaluate("base eval")
+            self.state.base_eval = base.metrics
+            self.logger.log({ITERATION: 0, **eval_metrics(base.metrics)})
+            self.logger.log_samples(0, base.episodes)
+            write_eval_records(self.run_dir / "eval_base.jsonl", base.episodes)
+            print("base model:\n" + format_table({"base": base.metrics}), flush=True)
         self.bar = tqdm(total=len(self.plan), initial=self.state.iteration, desc="SCoRe", unit="it", dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
 
@@ -155,12 +160,12 @@ class Trainer:
 
         if self.bar is not None:
             self.bar.close()
-        if self.actors.version < self.learner_version:
-            self.actors.sync_weights()
-        final_metrics, final_episodes = self.evaluate("final eval")
+        self.actors.sync_if_behind()
+        final = self.evaluate("final eval")
+        final_metrics = final.metrics
         self.logger.log({ITERATION: self.state.iteration, **eval_metrics(final_metrics)})
-        self.logger.log_samples(self.state.iteration, final_episodes)
-        write_eval_records(self.run_dir / "eval_final.jsonl", final_episodes)
+        self.logger.log_samples(self.state.iteration, final.episodes)
+        write_eval_records(self.run_dir / "eval_final.jsonl", final.episodes)
         final_dir = self.run_dir / "final_model"
         self.actors.learner.save_hf(str(final_dir))
         AutoTokenizer.from_pretrained(model_path).save_pretrained(str(final_dir))
@@ -193,51 +198,39 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
     def iteration(self) -> None:
         """One SCoRe iteration: rollout, grade, reference, credit, learn, sync; then log, eval, checkpoint."""
-        actors = self.actors
         iteration, stage = self.state.iteration + 1, self.plan[self.state.iteration]
         self.stage_name = "I" if stage == algo.STAGE_I else "II"
         timer, start = PhaseTimer(), time.monotonic()
 
         with self.phase(timer, "rollout"):
-            episodes, rollout_info = self.rollout(iteration)
-        sync = self.prefetch(iteration + 1) if self.overlap else {}
+            rollout = self.rollout(iteration)
+        sync = self.prefetch(iteration + 1) if self.overlap else None
         with self.phase(timer, "grading"):
-            r1, r2, graded = grade_episodes(actors.pool, episodes)
-        alarm = self.check_grades(iteration, graded)
-        chosen = self.supervised_choice(episodes, r1, r2)  # the baselines' episodes to imitate; None for RL
+            grades = grade_episodes(self.actors.pool, rollout.episodes)
+        alarm = self.check_grades(iteration, grades)
+        chosen = self.supervised_choice(rollout.episodes, grades)  # the baselines' episodes to imitate; None for RL
         with self.phase(timer, "reference"):
-            ref_logps, chosen_refs, reference_seconds = self.reference(episodes + (chosen or []), len(episodes))
-        with self.phase(timer, "scoring"):
-            scored, samples = self.credit(stage, episodes, ref_logps, r1, r2, chosen, chosen_refs)
+            reference, chosen_refs = self.reference(rollout.episodes, chosen or [])
+        with self.phase(timer, "credit"):
+            credit, samples = self.credit(stage, rollout.episodes, reference, grades, chosen, chosen_refs)
         with self.phase(timer, "learner"):
-            step, off_policy = self.learn(samples, episodes)
+            step, off_policy = self.learn(samples, rollout)
         halt = self.account(iteration, step)
         if not self.overlap:
             self.bar.set_postfix_str(f"stage {self.stage_name} | sync")
-            sync = actors.sync_weights()
+            sync = self.actors.sync_weights()
         self.state.iteration = iteration
 
-        metrics: dict[str, Any] = {
-            ITERATION: iteration,
-            **iteration_metrics(stage, episodes, ref_logps, r1, r2, graded, scored, step, off_policy, alarm is not None,
-                                self.state.skipped_steps),
-            **timer.seconds,
-            "perf/grading_compute_seconds": actors.pool.last_busy_seconds,
-            "perf/reference_compute_seconds": reference_seconds,
-            "perf/learner_compute_seconds": step["seconds"],
-            **rollout_info,
-            **sync,
-        }
+        result = IterationResult(iteration, stage, rollout, grades, reference, credit, step, off_policy,
+                                 alarm=alarm is not None, skipped_steps=self.state.skipped_steps,
+                                 phase_seconds=timer.seconds, sync=sync, overlapped=self.overlap)
         if self.eval_due(iteration) and halt is None:
-            metrics.update(self.evaluate_during_training(iteration))
-        metrics["perf/iteration_seconds"] = time.monotonic() - start
-        if not self.overlap:
-            metrics.update(orchestration(metrics))
-        metrics["perf/wall_time"] = time.time()
-        self.state.rng_state = self.rng.getstate()
-        self.logger.log(metrics)
+            result.evaluation, eval_sync = self.evaluate_during_training(iteration)
+            result.sync = eval_sync or result.sync
+        result.seconds, result.wall_time = time.monotonic() - start, time.time()
+        self.logger.log(iteration_metrics(result))
         self.checkpoint(iteration, halt)
-        self.report(iteration, metrics)
+        self.report(result)
 
     @contextmanager
     def phase(self, timer: PhaseTimer, name: str) -> Iterator[None]:
@@ -256,86 +249,88 @@ class Trainer:
         return self.actors.start_rollout(problems, config.rollout.samples_per_prompt, seeds=seeds,
                                          turn2_samples=config.rollout.turn2_samples), (epoch, position)
 
-    def rollout(self, iteration: int) -> tuple[list[Episode], dict[str, float]]:
+    def rollout(self, iteration: int) -> Rollout:
         handle, position = self.prefetched if self.prefetched is not None else self.start_rollout(iteration)
         self.prefetched = None
-        episodes, info = self.actors.finish_rollout(handle)
+        rollout = self.actors.finish_rollout(handle)
         self.state.epoch, self.state.position = position
-        return episodes, info
+        return rollout
 
-    def prefetch(self, iteration: int) -> dict[str, float]:
+    def prefetch(self, iteration: int) -> Optional[SyncStats]:
         """rollout.overlap: the generators take the learner's newest weights, then sample ``iteration``'s batch
         while the learner trains on this one (which came from the weights one step older)."""
         if iteration > len(self.plan):
-            return {}
-        sync = self.actors.sync_weights() if self.actors.version < self.learner_version else {}
+            return None
+        sync = self.actors.sync_if_behind()
         self.prefetched = self.start_rollout(iteration)
         return sync
 
-    def supervised_choice(self, episodes: list[Episode], r1: list[float], r2: list[float]) -> Optional[list[Episode]]:
+    def supervised_choice(self, episodes: list[Episode], grades: Grades) -> Optional[list[Episode]]:
         """algo.objective star / pair_sft: the episodes to fine-tune on (score_ray.samples); None for RL."""
         objective = self.config.algo.objective
         if objective == "star":
-            return star_episodes(episodes, r2)
+            return star_episodes(episodes, grades.r2)
         if objective == "pair_sft":
-            return pair_sft_episodes(episodes, r1, r2)
+            return pair_sft_episodes(episodes, grades.r1, grades.r2)
         return None
 
-    def check_grades(self, iteration: int, graded: list[dict]) -> Optional[str]:
-        alarm = grading_alarm(graded, self.config.reward.alarm_fraction)
+    def check_grades(self, iteration: int, grades: Grades) -> Optional[str]:
+        alarm = grading_alarm(grades.results, self.config.reward.alarm_fraction)
         if alarm:
             print(f"score_ray: ALARM iteration {iteration}: {alarm}", file=sys.stderr, flush=True)
         return alarm
 
-    def reference(self, episodes: list[Episode], sampled: int) -> tuple[list[list[float]], list[list[float]], float]:
-        """The reference's log-probs of the first ``sampled`` episodes, of the rest (the baselines' chosen ones),
-        and its compute seconds. The KL needs them at the trained positions only."""
-        ref_logps, seconds = self.actors.reference_logprobs([e.sequence for e in episodes],
-                                                            [trained_positions(e) for e in episodes],
-                                                            [position_temperatures(e) for e in episodes])
-        return ref_logps[:sampled], ref_logps[sampled:], seconds
+    def reference(self, sampled: list[Episode], chosen: list[Episode]) -> tuple[ReferenceLogprobs, list[list[float]]]:
+        """The reference's log-probs of the sampled episodes (with the pass's compute seconds), and of the
+        baselines' chosen ones, in one pass. The KL needs them at the trained positions only."""
+        episodes = sampled + chosen
+        result = self.actors.reference_logprobs([e.sequence for e in episodes],
+                                                [trained_positions(e) for e in episodes],
+                                                [position_temperatures(e) for e in episodes])
+        count = len(sampled)
+        return ReferenceLogprobs(result.logps[:count], result.compute_seconds), result.logps[count:]
 
-    def credit(self, stage: int, episodes: list[Episode], ref_logps: list[list[float]], r1: list[float],
-               r2: list[float], chosen: Optional[list[Episode]], chosen_refs: list[list[float]]):
-        """(per-episode credit, learner samples). RL: the stage's shaped per-turn rewards, advantages and KL
-        coefficients (score_ray.algo); the supervised baselines: advantage 1 on the chosen episodes, no KL."""
+    def credit(self, stage: int, episodes: list[Episode], reference: ReferenceLogprobs, grades: Grades,
+               chosen: Optional[list[Episode]], chosen_refs: list[list[float]]) -> tuple[Optional[Credit], list]:
+        """(the sampled episodes' credit, learner samples). RL: the stage's shaped per-turn rewards, advantages
+        and KL coefficients (score_ray.algo); the supervised baselines: no credit of the sampled episodes (no
+        shaping), advantage 1 on the chosen ones and no KL."""
         settings = self.config.algo
         if chosen is not None:
             # one sharpness for every imitated token, whichever turn's temperature sampled it
             samples = build_samples(chosen, chosen_refs, supervised_credit(len(chosen)),
                                     SUPERVISED_TURNS[settings.objective], temperature=self.config.rollout.temperature)
-            return {"reward2": list(r2)}, samples  # no shaping: the metrics report r2
+            return None, samples
+        ref_logps = reference.logps
         kl_sums = [turn_kl_sums(e, ref) for e, ref in zip(episodes, ref_logps)]
         branched = self.config.rollout.turn2_samples > 1  # turn 2 compared within each first attempt's group
-        scored = algo.score_turns(
-            stage, r1, r2, [e.problem.id for e in episodes], settings.alpha, settings.beta1, settings.beta2,
-            advantage=settings.advantage, normalize_advantages=settings.normalize_advantages,
+        credit = algo.assign_credit(
+            stage, grades.r1, grades.r2, [e.problem.id for e in episodes], settings.alpha, settings.beta1,
+            settings.beta2, advantage=settings.advantage, normalize_advantages=settings.normalize_advantages,
             kl_in_reward=settings.kl_in == "reward", kl1=[k[0] for k in kl_sums], kl2=[k[1] for k in kl_sums],
             turn2_groups=first_attempt_groups(episodes) if branched else None,
             trains_turn1=[e.trains_turn1 for e in episodes],
         )
-        return scored, build_samples(episodes, ref_logps, scored, tuple(settings.train_turns))
+        return credit, build_samples(episodes, ref_logps, credit, tuple(settings.train_turns))
 
-    def learn(self, samples, episodes: list[Episode]) -> tuple[dict[str, float], bool]:
+    def learn(self, samples, rollout: Rollout) -> tuple[StepStats, bool]:
         """The optimiser step(s) on this batch; (the learner's stats, whether older weights sampled it)."""
         settings = self.config.algo
-        off_policy = any(e.weight_version < self.learner_version for e in episodes)
+        off_policy = self.actors.sampled_by_older_weights(rollout)
         if not any(any(s.loss_mask) for s in samples):  # a baseline found nothing to imitate: no step
-            self.learner_version += 1
-            return no_step(), off_policy
-        seconds, applied = 0.0, 1.0
+            self.actors.learner_stepped()
+            return StepStats(), off_policy
+        step: Optional[StepStats] = None
         for _ in range(algo.learner_passes(settings.policy_loss, settings.ppo_epochs)):
-            step = self.actors.learner.train_step(samples, off_policy=off_policy)
-            seconds, applied = seconds + step["seconds"], min(applied, step["applied"])
-        self.learner_version += 1
-        # the last pass's loss and statistics; the compute of every pass (the learner phase's wall time has them all)
-        return {**step, "seconds": seconds, "applied": applied}, off_policy
+            latest = self.actors.learner.train_step(samples, off_policy=off_policy)
+            step = latest if step is None else latest.after(step)
+        self.actors.learner_stepped()
+        return step, off_policy
 
-    def account(self, iteration: int, step: dict[str, float]) -> Optional[str]:
+    def account(self, iteration: int, step: StepStats) -> Optional[str]:
         """Count a skipped (non-finite) step; the reason to halt when too many came in a row."""
-        applied = step["applied"] > 0
-        halt = account_step(self.state, applied, self.config.learner.max_skipped_steps_in_row)
-        if not applied:
+        halt = account_step(self.state, step.applied, self.config.learner.max_skipped_steps_in_row)
+        if not step.applied:
             print(f"score_ray: iteration {iteration}: non-finite loss or gradient, optimiser step skipped "
                   f"({self.state.skipped_in_row} in a row, {self.state.skipped_steps} in all)", file=sys.stderr,
                   flush=True)
@@ -345,29 +340,28 @@ class Trainer:
         every = self.config.eval.every
         return bool(every) and iteration % every == 0 and iteration < len(self.plan)  # the last: the final eval
 
-    def evaluate_during_training(self, iteration: int) -> dict[str, float]:
+    def evaluate_during_training(self, iteration: int) -> tuple[Evaluation, Optional[SyncStats]]:
+        """The held-out eval (its seconds include a sync first, under overlap), and that sync if there was one."""
         self.bar.set_postfix_str("eval")
         start = time.monotonic()
-        metrics: dict[str, float] = {}
-        if self.actors.version < self.learner_version:
-            metrics.update(self.actors.sync_weights())  # overlap: the generators are one step behind
-        result, episodes = self.evaluate(f"eval @ {iteration}")
-        metrics.update(eval_metrics(result))
-        metrics["perf/eval_seconds"] = time.monotonic() - start
-        self.logger.log_samples(iteration, episodes)
-        return metrics
+        sync = self.actors.sync_if_behind()  # overlap: the generators are one step behind
+        evaluation = self.evaluate(f"eval @ {iteration}")
+        evaluation.seconds = time.monotonic() - start
+        self.logger.log_samples(iteration, evaluation.episodes)
+        return evaluation, sync
 
-    def evaluate(self, label: str) -> tuple[dict[str, float], list[Episode]]:
+    def evaluate(self, label: str) -> Evaluation:
         """Greedy two-turn episodes on the held-out problems, graded (score_ray.evaluate)."""
         start = time.monotonic()
         if not sys.stderr.isatty():
             print(f"{label}: greedy two-turn eval on {len(self.eval_problems)} held-out problems ...", flush=True)
-        result = two_turn_eval(lambda batch: self.actors.generate(batch, 1, greedy=True), self.actors.pool,
-                               self.eval_problems, label=label,
-                               chunk=self.config.eval.batch_problems * len(self.actors.generators))
+        metrics, episodes = two_turn_eval(lambda batch: self.actors.generate(batch, 1, greedy=True), self.actors.pool,
+                                          self.eval_problems, label=label,
+                                          chunk=self.config.eval.batch_problems * len(self.actors.generators))
+        seconds = time.monotonic() - start
         if not sys.stderr.isatty():
-            print(f"{label}: done in {time.monotonic() - start:.0f}s", flush=True)
-        return result
+            print(f"{label}: done in {seconds:.0f}s", flush=True)
+        return Evaluation(metrics, episodes, seconds)
 
     def checkpoint(self, iteration: int, halt: Optional[str]) -> None:
         config = self.config
@@ -378,17 +372,17 @@ class Trainer:
             self.bar.set_postfix_str("checkpoint")
             save_checkpoint(self.run_dir, self.actors.learner, self.state, config.checkpoint.keep)
 
-    def report(self, iteration: int, metrics: dict[str, Any]) -> None:
+    def report(self, result: IterationResult) -> None:
         """The progress bar on a terminal; a line per iteration with an ETA in a log."""
-        rewards = f"r1 {metrics['train/reward_t1']:.2f} r2 {metrics['train/reward_t2']:.2f}"
+        grades, iteration = result.grades, result.iteration
+        reward1, reward2 = sum(grades.r1) / len(grades.r1), sum(grades.r2) / len(grades.r2)
         self.bar.update(1)
-        self.bar.set_postfix_str(rewards)
-        self.durations.append(metrics["perf/iteration_seconds"])
+        self.bar.set_postfix_str(f"r1 {reward1:.2f} r2 {reward2:.2f}")
+        self.durations.append(result.seconds)
         if not sys.stderr.isatty():
             eta = sum(self.durations) / len(self.durations) * (len(self.plan) - iteration)
-            print(f"iteration {iteration}/{len(self.plan)} stage {self.stage_name}: reward t1 "
-                  f"{metrics['train/reward_t1']:.3f} t2 {metrics['train/reward_t2']:.3f} "
-                  f"({metrics['perf/iteration_seconds']:.0f}s, ETA {eta / 60:.1f} min + final eval)", flush=True)
+            print(f"iteration {iteration}/{len(self.plan)} stage {self.stage_name}: reward t1 {reward1:.3f} "
+                  f"t2 {reward2:.3f} ({result.seconds:.0f}s, ETA {eta / 60:.1f} min + final eval)", flush=True)
 
     # ------------------------------------------------------------------ a lost learner node
     def recover(self, lost: LearnerLost) -> None:
@@ -403,7 +397,6 @@ class Trainer:
                 if attempt == MAX_RECOVERIES_IN_ROW:
                     raise
                 lost = again
-        self.learner_version = self.actors.version
         self.bar.n = self.state.iteration
         self.bar.refresh()
 
@@ -426,13 +419,10 @@ class Trainer:
         folder, state = load_newest(self.run_dir, actors.learner)
         if folder is None:
             state.base_eval = self.state.base_eval
-        rng = random.Random(config.run.seed)
-        if state.rng_state is not None:
-            rng.setstate(state.rng_state)
         moved = roll_back_metrics(self.run_dir, state.iteration)
         actors.sync_weights()
         # only now: a loss during the reload or re-sync is retried from the iteration that was lost
-        self.state, self.rng = state, rng
+        self.state = state
         print(f"score_ray: learner placed again; continuing from {folder.name if folder else 'the start'} "
               f"(iteration {state.iteration}; {moved} metric rows moved to metrics.rolled_back.jsonl)",
               file=sys.stderr, flush=True)

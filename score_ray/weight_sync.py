@@ -6,8 +6,8 @@
 - ``NcclSync`` (GPU): vLLM's NCCL weight transfer, streamed from rank 0 to every engine's workers
   (score_ray.weight_sync_gpu).
 
-The actor group and the trainer call ``push`` and ``resync`` and read ``version`` and
-``cannot_recover``; they never ask which transport they have.
+The actor group calls ``push`` and ``resync`` and reads ``cannot_recover``; it never asks which transport
+it has. The policy version (how many pushes the generators have had) is the actor group's alone.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Optional, Protocol
 
 from score_ray.config import Config
 from score_ray.faults import LearnerLost
+from score_ray.records import SyncStats
 
 
 def uses_nccl(config: Config) -> bool:
@@ -27,11 +28,10 @@ def uses_nccl(config: Config) -> bool:
 
 
 class WeightSync(Protocol):
-    version: int  # pushes so far: the generators hold the learner's weights after this many syncs
     cannot_recover: Optional[str]  # why a restarted generator or a replaced learner cannot take weights again
 
-    def push(self) -> dict[str, float]:
-        """Every generator takes the learner's current weights; returns the perf/sync_* metrics."""
+    def push(self) -> SyncStats:
+        """Every generator takes the learner's current weights."""
 
     def resync(self, index: int) -> None:
         """Generator ``index`` was restarted (base weights): give it the last pushed weights."""
@@ -45,22 +45,20 @@ class ObjectStoreSync:
 
     def __init__(self, learner, generators: list):
         self.learner, self.generators = learner, generators
-        self.version = 0
         self.payload = None  # the last pushed weights (rank 0 owns them), kept for a restarted generator
 
-    def push(self) -> dict[str, float]:
+    def push(self) -> SyncStats:
         import ray
 
         start = time.monotonic()
         self.payload, size, build_seconds = self.learner.publish_weights()
-        self.version += 1
         try:
-            results = ray.get([g.update_weights.remote(self.payload, self.version) for g in self.generators])
+            results = ray.get([g.update_weights.remote(self.payload) for g in self.generators])
         except ray.exceptions.ObjectLostError as err:  # rank 0 owned the payload; its node went with it
             raise LearnerLost(f"the weights published by learner rank 0 were lost ({type(err).__name__})") from err
         load = max(r["seconds"] for r in results)
-        return {"perf/sync_seconds": time.monotonic() - start, "perf/sync_mb": size / 1e6,
-                "perf/sync_load_seconds": load, "perf/sync_compute_seconds": build_seconds + load}
+        return SyncStats(seconds=time.monotonic() - start, compute_seconds=build_seconds + load, load_seconds=load,
+                         megabytes=size / 1e6)
 
     def resync(self, index: int) -> None:
         import ray
@@ -68,7 +66,7 @@ class ObjectStoreSync:
         if self.payload is None:  # nothing pushed yet: the restarted engine's base weights are current
             return
         try:
-            ray.get(self.generators[index].update_weights.remote(self.payload, self.version))
+            ray.get(self.generators[index].update_weights.remote(self.payload))
         except ray.exceptions.ObjectLostError as lost:  # rank 0 owned the payload and was lost too
             raise LearnerLost(f"generator {index} and the weights published by learner rank 0 were lost "
                               f"({type(lost).__name__})") from lost
@@ -83,16 +81,14 @@ class NcclSync:
 
     def __init__(self, learner, generators: list, config: Config):
         self.learner = learner
-        self.version = 0
         learner.connect_nccl(generators, config.rollout.tensor_parallel_size, config.model.dtype,
                              config.learner.nccl_buffer_mb * 2**20)
 
-    def push(self) -> dict[str, float]:
+    def push(self) -> SyncStats:
         start = time.monotonic()
         self.learner.send_nccl()
-        self.version += 1
         seconds = time.monotonic() - start
-        return {"perf/sync_seconds": seconds, "perf/sync_compute_seconds": seconds}
+        return SyncStats(seconds=seconds, compute_seconds=seconds)
 
     def resync(self, index: int) -> None:
         raise RuntimeError(f"generator {index}: {self.cannot_recover}")

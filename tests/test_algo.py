@@ -10,7 +10,7 @@ from score_ray.algo import (
     STAGE_II,
     advantages,
     kl_estimate,
-    score_turns,
+    assign_credit,
     stage_plan,
     token_loss,
     turn_kl_coefs,
@@ -57,51 +57,51 @@ def test_rloo_leave_one_out_baseline():
     assert sum(got[:4]) == pytest.approx(0.0)
 
 
-def test_score_turns_stage_two_by_hand():
+def test_assign_credit_stage_two_by_hand():
     # Two samples of one prompt: (r1, r2) = (0, 1) and (1, 1); alpha = 10.
     # shaped turn-2 rewards: 11 and 1 -> RLOO: 11 - 1 = 10, 1 - 11 = -10; turn 1: 0 - 1 = -1, 1 - 0 = 1.
-    out = score_turns(STAGE_II, [0.0, 1.0], [1.0, 1.0], ["p", "p"], alpha=10, beta1=0.01, beta2=0.1)
-    assert out["reward2"] == [11.0, 1.0]
-    assert out["adv2"] == pytest.approx([10.0, -10.0])
-    assert out["adv1"] == pytest.approx([-1.0, 1.0])
-    assert out["kl_coef1"] == [0.01, 0.01] and out["kl_coef2"] == [0.01, 0.01]
+    out = assign_credit(STAGE_II, [0.0, 1.0], [1.0, 1.0], ["p", "p"], alpha=10, beta1=0.01, beta2=0.1)
+    assert out.reward2 == [11.0, 1.0]
+    assert out.adv2 == pytest.approx([10.0, -10.0])
+    assert out.adv1 == pytest.approx([-1.0, 1.0])
+    assert out.kl_coef1 == [0.01, 0.01] and out.kl_coef2 == [0.01, 0.01]
 
 
-def test_score_turns_stage_one_by_hand():
-    out = score_turns(STAGE_I, [1.0, 0.0, 0.0], [1.0, 0.0, 1.0], ["p"] * 3, alpha=10, beta1=0.01, beta2=0.25)
-    assert out["adv1"] == [0.0, 0.0, 0.0]
-    assert out["adv2"] == pytest.approx([0.5, -1.0, 0.5])
-    assert out["kl_coef1"] == [0.25] * 3 and out["kl_coef2"] == [0.01] * 3
+def test_assign_credit_stage_one_by_hand():
+    out = assign_credit(STAGE_I, [1.0, 0.0, 0.0], [1.0, 0.0, 1.0], ["p"] * 3, alpha=10, beta1=0.01, beta2=0.25)
+    assert out.adv1 == [0.0, 0.0, 0.0]
+    assert out.adv2 == pytest.approx([0.5, -1.0, 0.5])
+    assert out.kl_coef1 == [0.25] * 3 and out.kl_coef2 == [0.01] * 3
 
 
-def test_score_turns_with_several_second_attempts_per_first_attempt():
+def test_assign_credit_with_several_second_attempts_per_first_attempt():
     # One prompt, two first attempts (a wrong, b right), each with two second attempts; alpha = 10.
     # Turn 2 is compared within each first attempt: under a, the fix (shaped 11) against the copy (0): +-11;
     # under b, the kept answer (1) against the broken one (-10): +-11. Shaping scales by 1 + alpha, since r1
     # is shared inside a group. Turn 1 counts each first attempt once (rows 0 and 2): 0 - 1 and 1 - 0.
     r1, r2 = [0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0]
-    out = score_turns(STAGE_II, r1, r2, ["p"] * 4, alpha=10, beta1=0.01, beta2=0.1,
+    out = assign_credit(STAGE_II, r1, r2, ["p"] * 4, alpha=10, beta1=0.01, beta2=0.1,
                       turn2_groups=[("p", 0), ("p", 0), ("p", 1), ("p", 1)], trains_turn1=[True, False, True, False])
-    assert out["reward2"] == [11.0, 0.0, 1.0, -10.0]
-    assert out["adv2"] == pytest.approx([11.0, -11.0, 11.0, -11.0])
-    assert out["adv1"] == pytest.approx([-1.0, 0.0, 1.0, 0.0])
+    assert out.reward2 == [11.0, 0.0, 1.0, -10.0]
+    assert out.adv2 == pytest.approx([11.0, -11.0, 11.0, -11.0])
+    assert out.adv1 == pytest.approx([-1.0, 0.0, 1.0, 0.0])
     # Grouped by prompt instead, turn 2 would credit b's copy for a's being wrong: its advantage is not 11.
-    plain = score_turns(STAGE_II, r1, r2, ["p"] * 4, alpha=10, beta1=0.01, beta2=0.1)
-    assert plain["adv2"][2] == pytest.approx(1.0 - (11.0 + 0.0 - 10.0) / 3)
+    plain = assign_credit(STAGE_II, r1, r2, ["p"] * 4, alpha=10, beta1=0.01, beta2=0.1)
+    assert plain.adv2[2] == pytest.approx(1.0 - (11.0 + 0.0 - 10.0) / 3)
     # Normalised, turn 1 is standardised over the first attempts alone and stays 0 on the others.
-    normed = score_turns(STAGE_II, r1, r2, ["p"] * 4, alpha=10, beta1=0.01, beta2=0.1, normalize_advantages=True,
+    normed = assign_credit(STAGE_II, r1, r2, ["p"] * 4, alpha=10, beta1=0.01, beta2=0.1, normalize_advantages=True,
                          turn2_groups=[("p", 0), ("p", 0), ("p", 1), ("p", 1)], trains_turn1=[True, False, True, False])
-    assert normed["adv1"] == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-5)
-    assert normed["adv2"] == pytest.approx([1.0, -1.0, 1.0, -1.0], abs=1e-5)
+    assert normed.adv1 == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-5)
+    assert normed.adv2 == pytest.approx([1.0, -1.0, 1.0, -1.0], abs=1e-5)
 
 
-def test_score_turns_with_kl_in_the_reward():
+def test_assign_credit_with_kl_in_the_reward():
     # Stage II, beta1 = 0.1, kl sums (2, 0) on turn 1 and (0, 4) on turn 2, reinforce.
-    out = score_turns(STAGE_II, [1.0, 0.0], [1.0, 1.0], ["a", "b"], alpha=2, beta1=0.1, beta2=0.5,
+    out = assign_credit(STAGE_II, [1.0, 0.0], [1.0, 1.0], ["a", "b"], alpha=2, beta1=0.1, beta2=0.5,
                       advantage="reinforce", kl_in_reward=True, kl1=[2.0, 0.0], kl2=[0.0, 4.0])
-    assert out["adv1"] == pytest.approx([1.0 - 0.2, 0.0])
-    assert out["adv2"] == pytest.approx([1.0, 3.0 - 0.4])  # turn 2 of episode b: 1 + 2 * (1 - 0) = 3
-    assert out["kl_coef1"] == [0.0, 0.0]
+    assert out.adv1 == pytest.approx([1.0 - 0.2, 0.0])
+    assert out.adv2 == pytest.approx([1.0, 3.0 - 0.4])  # turn 2 of episode b: 1 + 2 * (1 - 0) = 3
+    assert out.kl_coef1 == [0.0, 0.0]
 
 
 def test_kl_estimators_by_hand():

@@ -35,10 +35,10 @@ def _episode(y1_text, y1_truncated, y2_text, y2_truncated, answer):
 
 @pytest.mark.parametrize("credit_truncated, expected", [(False, ([0.0, 1.0], [0.0, 0.0])), (True, ([0.0, 1.0], [1.0, 0.0]))])
 def test_responses_cut_at_the_token_cap_fail_closed(credit_truncated, expected):
-    from score_ray.evaluate import grade_episodes
-    from score_ray.reward import TRUNCATED_DETAIL, Grader
+    from score_ray.config import RewardConfig
+    from score_ray.reward import TRUNCATED_DETAIL, Grader, grade_episodes
 
-    grader = Grader(credit_truncated=credit_truncated)
+    grader = Grader(RewardConfig(credit_truncated=credit_truncated))
     episodes = [
         # the no_shaping "fix": the cap cut y1 inside "13" (read: 1, wrong) and y2 just before a number (read: the
         # last whole line, 13, right), so crediting cut text counted an incorrect -> correct that never happened
@@ -46,11 +46,12 @@ def test_responses_cut_at_the_token_cap_fail_closed(credit_truncated, expected):
         # the same words finished by the model itself are whole answers, right and wrong
         _episode("The final answer is 13.", False, "The final answer is 1.", False, answer="13"),
     ]
-    r1, r2, results = grade_episodes(grader, episodes)
+    grades = grade_episodes(grader, episodes)
+    r1, r2, results = grades.r1, grades.r2, grades.results
     grader.close()
     assert (r1, r2) == expected
     if credit_truncated:
-        assert [result["status"] for result in results[:2]] == ["wrong", "correct"]
+        assert [result.status for result in results[:2]] == ["wrong", "correct"]
     else:
-        assert all(result["status"] == "wrong" and result["detail"] == TRUNCATED_DETAIL for result in results[:2])
-    assert [result["status"] for result in results[2:]] == ["correct", "wrong"]
+        assert all(result.status == "wrong" and result.detail == TRUNCATED_DETAIL for result in results[:2])
+    assert [result.status for result in results[2:]] == ["correct", "wrong"]

@@ -2,10 +2,11 @@
 
 from score_ray.checkpoints import TrainerState
 from score_ray.faults import account_step, grading_alarm
+from score_ray.reward.types import GradeResult
 
 
 def graded(statuses):
-    return [{"status": s, "reward": 1.0 if s == "correct" else 0.0, "detail": f"{s} detail"} for s in statuses]
+    return [GradeResult(1.0 if s == "correct" else 0.0, s, 0.0, detail=f"{s} detail") for s in statuses]
 
 
 def test_grading_alarm_fires_past_the_threshold_and_names_the_first_failure():

@@ -6,7 +6,9 @@ import pytest
 
 from score_ray.data import Problem
 from score_ray.episode import Episode
-from score_ray.metrics import METRICS, PhaseTimer, iteration_metrics, orchestration, turn_metrics
+from score_ray.metrics import METRICS, PHASES, PhaseTimer, iteration_metrics, orchestration, turn_metrics
+from score_ray import records
+from score_ray.reward.types import GradeResult
 
 PROBLEM = Problem(id="p0", kind="math", prompt="1 + 1", answer="2")
 
@@ -44,15 +46,22 @@ def test_per_turn_metrics_by_hand():
 def test_every_metric_an_iteration_logs_is_named_in_the_catalogue():
     episodes = [episode([-0.5], [-0.5]), episode([-0.5], [-0.5])]
     refs = [[0.0] * (len(e.sequence) - 1) for e in episodes]
-    step = {"loss": 2.0, "pg": 1.0, "kl": 0.5, "clipped": 0.0, "entropy": 1.0, "tokens": 4.0, "grad_norm": 0.3,
-            "applied": 1.0, "micro_batches": 1, "seconds": 0.1, "trunk_batches": 3.0, "filled_batches": 4.0}
-    graded = [{"status": s} for s in ("correct", "wrong", "timeout", "error")]
-    out = iteration_metrics(2, episodes, refs, [0.0, 1.0], [1.0, 1.0], graded, {"reward2": [11.0, 1.0]}, step,
-                            off_policy=False, alarm=True, skipped_steps=0)
+    step = records.StepStats(loss=2.0, pg=1.0, kl=0.5, clipped=0.0, entropy=1.0, tokens=4.0, grad_norm=0.3, applied=True,
+                     micro_batches=1, compute_seconds=0.1, trunk_batches=3.0, filled_batches=4.0)
+    graded = [GradeResult(0.0, s, 0.0) for s in ("correct", "wrong", "timeout", "error")]
+    credit = records.Credit(reward1=[0.0, 1.0], reward2=[11.0, 1.0], adv1=[0.0, 0.0], adv2=[0.0, 0.0], kl_coef1=[0.0, 0.0],
+                    kl_coef2=[0.0, 0.0])
+    result = records.IterationResult(
+        iteration=2, stage=2, rollout=records.Rollout(episodes, compute_seconds=0.5), grades=records.Grades([0.0, 1.0], [1.0, 1.0], graded, 0.2),
+        reference=records.ReferenceLogprobs(refs, 0.1), credit=credit, step=step, off_policy=False, alarm=True, skipped_steps=0,
+        phase_seconds={"rollout": 0.6, "learner": 1.1}, sync=records.SyncStats(0.3, 0.2, load_seconds=0.1, megabytes=1.0),
+        evaluation=records.Evaluation({"acc_t1": 0.5, "n": 2.0}, [], seconds=0.4), seconds=2.0, wall_time=1.0)
+    out = iteration_metrics(result)
     assert set(out) <= set(METRICS)
     assert out["train/loss"] == 0.5 and out["train/shaped_reward_t2"] == 6.0
     assert (out["train/grader_timeouts"], out["train/grader_errors"], out["train/grader_alarm"]) == (0.25, 0.25, 1.0)
     assert out["perf/generated_tokens"] == 4.0 and out["perf/learner_trunk_reused"] == 0.75
+    assert (out["perf/rollout_seconds"], out["perf/sync_mb"], out["eval/acc_t1"]) == (0.6, 1.0, 0.5)
     timed = {"perf/iteration_seconds": 2.0, "perf/rollout_compute_seconds": 0.5, "perf/learner_compute_seconds": 1.0}
     assert orchestration(timed) == {"perf/orchestration_seconds": 0.5, "perf/orchestration_fraction": 0.25}
     assert set(orchestration(timed)) <= set(METRICS)
@@ -62,8 +71,8 @@ def test_the_phase_timer_names_each_phase_and_refuses_an_unknown_one():
     timer = PhaseTimer()
     with timer.phase("grading"):
         pass
-    assert list(timer.seconds) == ["perf/grading_seconds"] and timer.seconds["perf/grading_seconds"] >= 0.0
-    assert "perf/grading_seconds" in METRICS
+    assert list(timer.seconds) == ["grading"] and timer.seconds["grading"] >= 0.0
+    assert all(f"perf/{phase}_seconds" in METRICS for phase in PHASES)
     with pytest.raises(ValueError, match="unknown phase 'gradnig'"):
         with timer.phase("gradnig"):
             pass

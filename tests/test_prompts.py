@@ -2,24 +2,24 @@
 
 import pytest
 
-from score_ray import prompts
+from score_ray import instructions
 from score_ray.config import load_config
 from score_ray.data import Problem
 from score_ray.prompts import TwoTurnPrompter
 
 def test_instructions_are_the_papers_words():
-    assert prompts.MATH_FIRST_TURN == (
+    assert instructions.MATH_FIRST_TURN == (
         "You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
         "step by step. At the end of the Solution, when you give your final answer, write it in the form "
         "\"Final Answer: The final answer is $answer$. I hope it is correct.\""
     )
-    assert prompts.MATH_SELF_CORRECTION == (
+    assert instructions.MATH_SELF_CORRECTION == (
         "There might be an error in the solution above because of lack of understanding of the question. Please "
         "correct the error, if any, and rewrite the solution. Only output the final solution! At the end of the "
         "Solution, when you give your final answer, write it in the form "
         "\"Final Answer: The final answer is $answer$. I hope it is correct.\""
     )
-    assert prompts.CODE_SELF_CORRECTION == (
+    assert instructions.CODE_SELF_CORRECTION == (
         "There might be an error in the code above because of lack of understanding of the question. Please correct "
         "the error, if any, and rewrite the solution. Only output the final correct Python program!"
     )
@@ -32,7 +32,7 @@ def test_turn1_is_the_chat_template_of_the_first_turn_text(tokenizer):
     prompter = TwoTurnPrompter(tokenizer)
     ids = prompter.turn1_ids(MATH)
     expected = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompts.MATH_FIRST_TURN + "\n\nProblem:\nWhat is 9 - 4 - 15?"}],
+        [{"role": "user", "content": instructions.MATH_FIRST_TURN + "\n\nProblem:\nWhat is 9 - 4 - 15?"}],
         tokenize=False,
         add_generation_prompt=True,
     )
@@ -48,9 +48,9 @@ def test_turn2_equals_the_whole_conversation_rendered_when_turn1_ended_on_eos(to
     turn2 = prompter.turn2_ids("math", turn1, attempt + [tokenizer.eos_token_id])
     whole = tokenizer.apply_chat_template(
         [
-            {"role": "user", "content": prompts.MATH_FIRST_TURN + "\n\nProblem:\nWhat is 9 - 4 - 15?"},
+            {"role": "user", "content": instructions.MATH_FIRST_TURN + "\n\nProblem:\nWhat is 9 - 4 - 15?"},
             {"role": "assistant", "content": "9 - 4 = 5, 5 - 15 = -10.\nFinal Answer: -10"},
-            {"role": "user", "content": prompts.MATH_SELF_CORRECTION},
+            {"role": "user", "content": instructions.MATH_SELF_CORRECTION},
         ],
         tokenize=False,
         add_generation_prompt=True,
@@ -67,7 +67,7 @@ def test_turn2_keeps_the_sampled_ids_even_where_retokenising_would_change_them(t
     turn2 = prompter.turn2_ids("math", turn1, sampled + [tokenizer.eos_token_id])
     assert turn2[: len(turn1)] == turn1
     assert turn2[len(turn1) : len(turn1) + 6] == sampled + [tokenizer.eos_token_id]
-    assert tokenizer.decode(turn2).endswith(prompts.MATH_SELF_CORRECTION + "<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(turn2).endswith(instructions.MATH_SELF_CORRECTION + "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_a_truncated_first_attempt_is_closed_by_the_template(tokenizer):
@@ -92,7 +92,7 @@ def test_code_problems_use_the_code_instruction_and_fewshot_turns(tokenizer):
     assert text.endswith("here is your task: Write a function f. Your code should pass these tests:\n\n"
                          "assert f() == 1<|im_end|>\n<|im_start|>assistant\n")
     turn2 = prompter.turn2_ids("code", prompter.turn1_ids(problem), [tokenizer.eos_token_id])
-    assert tokenizer.decode(turn2).endswith(prompts.CODE_SELF_CORRECTION + "<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(turn2).endswith(instructions.CODE_SELF_CORRECTION + "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_instructions_and_system_prompt_come_from_config(tokenizer):

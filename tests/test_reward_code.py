@@ -8,14 +8,18 @@ import time
 
 import pytest
 
-from score_ray.config import HumanEvalSource
+from score_ray.config import HumanEvalSource, RewardConfig
 from score_ray.data import load_problems
-from score_ray.reward import Grader
+from score_ray.reward import Grader, GradeRequest
 from score_ray.reward.code import extract_program, grade_code
 from score_ray.config import SandboxConfig
 from score_ray.reward.sandbox import choose_backend, run_python
 
 LIMITS = SandboxConfig(wall_seconds=5.0, cpu_seconds=4, memory_mb=512)
+
+
+def requests(records):
+    return [GradeRequest.from_record(record) for record in records]
 ASSERTS = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]
 GOOD = "```python\ndef add(a, b):\n    return a + b\n```"
 
@@ -36,16 +40,16 @@ def test_the_real_sandbox_is_in_use():
 
 def test_all_164_humaneval_references_pass_and_broken_ones_fail():
     records = humaneval_records()
-    grader = Grader(LIMITS, threads=2)
-    results = grader.grade(records)
-    failed = [(r["id"], res["detail"]) for r, res in zip(records, results) if res["status"] != "correct"]
+    grader = Grader(RewardConfig(sandbox=LIMITS, threads_per_worker=2))
+    results = grader.grade(requests(records))
+    failed = [(r["id"], res.detail) for r, res in zip(records, results) if res.status != "correct"]
     assert not failed, failed
     # Broken variants of a sample: the body replaced by a wrong constant return.
     sample = random.Random(0).sample(records, 30)
     broken = [{**r, "response": f"```python\n{r['stub']}\n    return None\n```"} for r in sample]
-    results = grader.grade(broken)
+    results = grader.grade(requests(broken))
     grader.close()
-    assert all(res["status"] == "wrong" and res["reward"] == 0.0 for res in results), results
+    assert all(res.status == "wrong" and res.reward == 0.0 for res in results), results
 
 
 def test_mbpp_style_assert_list_and_string_tests():
@@ -208,15 +212,15 @@ def test_huge_output_is_cut_and_does_not_exhaust_the_grader():
 
 
 def test_grader_reports_bad_records_as_errors():
-    grader = Grader(LIMITS, threads=1)
-    results = grader.grade([
+    grader = Grader(RewardConfig(sandbox=LIMITS, threads_per_worker=1))
+    results = grader.grade(requests([
         {"kind": "code", "response": GOOD},
         {"kind": "math", "response": "\\boxed{1}"},
         {"kind": "poem", "response": "x"},
-    ])
+    ]))
     grader.close()
-    assert [r["status"] for r in results] == ["error", "error", "error"]
-    assert "'tests'" in results[0]["detail"] and "'answer'" in results[1]["detail"] and "'kind'" in results[2]["detail"]
+    assert [r.status for r in results] == ["error", "error", "error"]
+    assert "'tests'" in results[0].detail and "'answer'" in results[1].detail and "'kind'" in results[2].detail
 
 
 def test_the_reward_package_does_not_import_torch():
@@ -250,8 +254,8 @@ def test_the_weaker_fallback_still_isolates_network_uid_and_environment(monkeypa
 def test_a_program_cut_at_the_token_cap_is_not_run():
     # the function is whole and would pass: what the cap cut (here a comment) was never seen, so it fails closed
     record = {"kind": "code", "response": GOOD.removesuffix("```") + "# now a test of", "tests": ["assert add(2, 3) == 5"]}
-    grader = Grader(LIMITS, threads=1)
-    whole, cut = grader.grade([record, {**record, "truncated": True}])
+    grader = Grader(RewardConfig(sandbox=LIMITS, threads_per_worker=1))
+    whole, cut = grader.grade(requests([record, {**record, "truncated": True}]))
     grader.close()
-    assert whole["status"] == "correct"
-    assert cut["status"] == "wrong" and cut["reward"] == 0.0 and "token cap" in cut["detail"]
+    assert whole.status == "correct"
+    assert cut.status == "wrong" and cut.reward == 0.0 and "token cap" in cut.detail

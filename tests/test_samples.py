@@ -4,6 +4,7 @@ import pytest
 
 from score_ray.data import Problem
 from score_ray.episode import Episode
+from score_ray.records import Credit
 from score_ray.samples import (
     build_samples,
     first_attempt_groups,
@@ -16,12 +17,18 @@ from score_ray.samples import (
 PROBLEM = Problem(id="p0", kind="math", prompt="1 + 1", answer="2")
 
 
+def credit(adv1, adv2, kl_coef1, kl_coef2) -> Credit:
+    """Credit for the samples' fields (the rewards are not read by ``build_samples``)."""
+    return Credit(reward1=[0.0] * len(adv1), reward2=[0.0] * len(adv1), adv1=adv1, adv2=adv2, kl_coef1=kl_coef1,
+                  kl_coef2=kl_coef2)
+
+
 def test_samples_train_exactly_the_sampled_tokens_of_each_turn():
     # x1 = [1, 2, 3], y1 = [4, 5], x2 = x1 + y1 + [6, 7], y2 = [8]
     episode = Episode(problem=PROBLEM, sample=0, x1=[1, 2, 3], y1=[4, 5], y1_logp=[-0.4, -0.5], y1_truncated=False,
                       x2=[1, 2, 3, 4, 5, 6, 7], y2=[8], y2_logp=[-0.8])
     ref = [-1.0 * i for i in range(1, 8)]  # 8 tokens -> 7 positions
-    scored = {"adv1": [2.0], "adv2": [-3.0], "kl_coef1": [0.1], "kl_coef2": [0.01]}
+    scored = credit([2.0], [-3.0], [0.1], [0.01])
     (sample,) = build_samples([episode], [ref], scored)
     assert sample.input_ids == [1, 2, 3, 4, 5, 6, 7, 8]
     # position p scores token p + 1: y1 tokens (indices 3, 4) -> positions 2, 3; y2 (index 7) -> position 6
@@ -45,8 +52,7 @@ def test_each_turn_is_scored_at_the_temperature_it_was_sampled_at():
     episode = Episode(problem=PROBLEM, sample=0, x1=[1, 2, 3], y1=[4, 5], y1_logp=[-0.4, -0.5], y1_truncated=False,
                       x2=[1, 2, 3, 4, 5, 6, 7], y2=[8], y2_logp=[-0.8], y1_temperature=1.2, y2_temperature=0.7)
     assert position_temperatures(episode) == [1.0, 1.0, 1.2, 1.2, 1.0, 1.0, 0.7]  # prompts: 1, never scored
-    (sample,) = build_samples([episode], [[0.0] * 7], {"adv1": [1.0], "adv2": [1.0], "kl_coef1": [0.0],
-                                                       "kl_coef2": [0.0]})
+    (sample,) = build_samples([episode], [[0.0] * 7], credit([1.0], [1.0], [0.0], [0.0]))
     assert sample.temperature == position_temperatures(episode)
     # Pair-SFT's second turn is a first attempt: it keeps the temperature it was sampled at.
     wrong = Episode(problem=PROBLEM, sample=1, x1=[1, 2, 3], y1=[9], y1_logp=[-2.0], y1_truncated=False,
@@ -69,7 +75,7 @@ def test_second_attempts_at_one_first_attempt_train_its_turn_one_once():
                     x2=[1, 2, 3, 4, 5, 6, 7], y2=[8], y2_logp=[-0.8])
     second = replace(first, y2=[9, 10], y2_logp=[-0.9, -1.0], branch=1)
     refs = [[-1.0] * 7, [-1.0] * 8]
-    scored = {"adv1": [2.0, 0.0], "adv2": [-3.0, 3.0], "kl_coef1": [0.1, 0.1], "kl_coef2": [0.01, 0.01]}
+    scored = credit([2.0, 0.0], [-3.0, 3.0], [0.1, 0.1], [0.01, 0.01])
     # The key of a first attempt is the attempt: the same problem and sample index in the next epoch's share of a
     # batch is another first attempt, and its second attempts are compared among themselves.
     next_epoch = replace(first, y1=[4, 6], x2=[1, 2, 3, 4, 6, 6, 7])
@@ -84,7 +90,7 @@ def test_second_attempts_at_one_first_attempt_train_its_turn_one_once():
 def test_a_sampler_log_prob_list_that_does_not_match_its_tokens_is_refused_naming_the_problem():
     episode = Episode(problem=PROBLEM, sample=0, x1=[1, 2], y1=[3, 4], y1_logp=[-0.1], y1_truncated=False,
                       x2=[1, 2, 3, 4, 5], y2=[6], y2_logp=[-0.2])
-    scored = {"adv1": [1.0], "adv2": [1.0], "kl_coef1": [0.0], "kl_coef2": [0.0]}
+    scored = credit([1.0], [1.0], [0.0], [0.0])
     with pytest.raises(ValueError, match="p0: turn 1 has 2 tokens but 1 sampler log-probs"):
         build_samples([episode], [[0.0] * 5], scored)
     with pytest.raises(ValueError, match="turn must be 1 or 2"):

@@ -50,10 +50,10 @@ def _sources(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], Config]:
 def _show(label: str, problems: list[Problem], config: Config, count: int) -> None:
     from transformers import AutoTokenizer
 
-    from score_ray.assets import resolve_model_path
+    from score_ray.assets import model_folder
     from score_ray.prompts import TwoTurnPrompter
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model.path, config.model.tiny.model_dump()))
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(config.model))
     prompter = TwoTurnPrompter(tokenizer, config.prompts)
     rule = "-" * 78
     for problem in problems[:count]:

@@ -6,20 +6,24 @@ Nothing here imports torch: reward actors stay small and start fast.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
+from score_ray.config import RewardConfig
+from score_ray.records import Grades
 from score_ray.reward.code import grade_code
 from score_ray.reward.math import MathJudge, grade_math
-from score_ray.config import SandboxConfig
-from score_ray.reward.types import STATUSES, GradeResult
+from score_ray.reward.types import STATUSES, GradeRequest, GradeResult
+
+if TYPE_CHECKING:
+    from score_ray.episode import Episode
 
 
-def _required(record: dict[str, Any], *names: str) -> Optional[str]:
-    for name in names:
-        value = record.get(name)
-        if value is None or (isinstance(value, (str, list)) and not value):
-            return f"record field {name!r} is missing or empty"
+def _required(request: GradeRequest, name: str) -> Optional[str]:
+    value = getattr(request, name)
+    if value is None or (isinstance(value, (str, list)) and not value):
+        return f"record field {name!r} is missing or empty"
     return None
 
 
@@ -29,23 +33,17 @@ TRUNCATED_DETAIL = "response cut at the token cap: its end was never written, so
 
 
 class Grader:
-    """Grades records ``{"kind": "math"|"code", "response", "answer" | "tests", "entry_point"?, "truncated"?}``.
+    """Grades ``GradeRequest``s by the reward config (its sandbox limits, math timeout, threads).
 
-    Several records run at once (sandboxed programs are separate processes); each
-    thread has its own math judge process. Never raises for a bad record: it comes
-    back with status ``error`` and the reason. A record with ``truncated: true`` (the
-    response hit the generation token cap) is ``wrong`` unless ``credit_truncated``
-    (kept only to re-grade runs made before truncated responses failed closed).
+    Several requests run at once (sandboxed programs are separate processes); each
+    thread has its own math judge process. Never raises for a bad request: it comes
+    back with status ``error`` and the reason. A truncated response (it hit the generation
+    token cap) is ``wrong`` unless reward.credit_truncated (kept only to re-grade runs made
+    before truncated responses failed closed).
     """
 
-    def __init__(
-        self, limits: SandboxConfig = SandboxConfig(), math_timeout_s: float = 5.0, threads: int = 2,
-        credit_truncated: bool = False,
-    ):
-        self.limits = limits
-        self.math_timeout_s = math_timeout_s
-        self.threads = threads
-        self.credit_truncated = credit_truncated
+    def __init__(self, config: RewardConfig = RewardConfig()):
+        self.config = config
         self._local = threading.local()
         self._judges: list[MathJudge] = []
         self._lock = threading.Lock()
@@ -53,38 +51,65 @@ class Grader:
     def _judge(self) -> MathJudge:
         judge = getattr(self._local, "judge", None)
         if judge is None:
-            judge = self._local.judge = MathJudge(timeout_s=self.math_timeout_s)
+            judge = self._local.judge = MathJudge(timeout_s=self.config.math_timeout_s)
             with self._lock:
                 self._judges.append(judge)
         return judge
 
-    def grade_one(self, record: dict[str, Any]) -> GradeResult:
-        kind = record.get("kind")
+    def grade_one(self, request: GradeRequest) -> GradeResult:
+        kind = request.kind
         try:
-            if kind in ("math", "code") and record.get("truncated") and not self.credit_truncated:
+            if kind in ("math", "code") and request.truncated and not self.config.credit_truncated:
                 return GradeResult(0.0, "wrong", 0.0, detail=TRUNCATED_DETAIL)
             if kind == "math":
-                problem = _required(record, "answer")
+                problem = _required(request, "answer")
                 if problem:
                     return GradeResult(0.0, "error", 0.0, detail=problem)
-                return grade_math(str(record.get("response") or ""), str(record["answer"]), self._judge())
+                return grade_math(request.response, str(request.answer), self._judge())
             if kind == "code":
-                problem = _required(record, "tests")
+                problem = _required(request, "tests")
                 if problem:
                     return GradeResult(0.0, "error", 0.0, detail=problem)
-                return grade_code(str(record.get("response") or ""), record["tests"], record.get("entry_point"), self.limits)
+                return grade_code(request.response, request.tests, request.entry_point, self.config.sandbox)
             return GradeResult(0.0, "error", 0.0, detail=f"record field 'kind' must be 'math' or 'code', got {kind!r}")
         except Exception as err:  # noqa: BLE001 - a grader failure is a status, never a stalled iteration
             return GradeResult(0.0, "error", 0.0, detail=f"grader failed: {type(err).__name__}: {err}"[:300])
 
-    def grade(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            results = list(pool.map(self.grade_one, records))
-        return [result.to_dict() for result in results]
+    def grade(self, requests: Sequence[GradeRequest]) -> list[GradeResult]:
+        return self.grade_with_seconds(requests)[0]
+
+    def grade_with_seconds(self, requests: Sequence[GradeRequest]) -> tuple[list[GradeResult], float]:
+        """(the results in the requests' order, the seconds they took)."""
+        start = time.monotonic()
+        with ThreadPoolExecutor(max_workers=self.config.threads_per_worker) as pool:
+            results = list(pool.map(self.grade_one, requests))
+        return results, time.monotonic() - start
 
     def close(self) -> None:
         for judge in self._judges:
             judge.close()
 
 
-__all__ = ["Grader", "GradeResult", "STATUSES", "TRUNCATED_DETAIL", "grade_code", "grade_math"]
+def episode_requests(episodes: Sequence["Episode"]) -> list[GradeRequest]:
+    """Both turns of every episode, in order: episode i's turns at 2i and 2i + 1."""
+    requests = []
+    for episode in episodes:
+        problem = episode.problem
+        for turn in (1, 2):
+            requests.append(GradeRequest(kind=problem.kind, response=episode.response_text(turn),
+                                         truncated=episode.truncated(turn),
+                                         answer=problem.answer if problem.kind == "math" else None,
+                                         tests=problem.tests if problem.kind == "code" else None,
+                                         entry_point=problem.entry_point if problem.kind == "code" else None))
+    return requests
+
+
+def grade_episodes(grader, episodes: Sequence["Episode"]) -> Grades:
+    """Both turns of every episode, graded by ``grader`` (a ``Grader`` here, or the actors' ``RewardPool``)."""
+    results, seconds = grader.grade_with_seconds(episode_requests(episodes))
+    return Grades(r1=[result.reward for result in results[0::2]], r2=[result.reward for result in results[1::2]],
+                  results=results, compute_seconds=seconds)
+
+
+__all__ = ["Grader", "GradeRequest", "GradeResult", "STATUSES", "TRUNCATED_DETAIL", "episode_requests",
+           "grade_code", "grade_episodes", "grade_math"]

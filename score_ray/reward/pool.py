@@ -12,70 +12,53 @@ is lost or counted twice.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import ray
 
-from score_ray.config import SandboxConfig
+from score_ray.config import RewardConfig
 from score_ray.placement import kill_actors, this_node
 from score_ray.reward import Grader
+from score_ray.reward.types import GradeRequest, GradeResult
 
 
 @ray.remote
 class RewardActor:
-    def __init__(self, limits: SandboxConfig, math_timeout_s: float, threads: int, credit_truncated: bool = False):
-        self.grader = Grader(limits, math_timeout_s, threads, credit_truncated)
+    def __init__(self, config: RewardConfig):
+        self.grader = Grader(config)
 
-    def timed_grade(self, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
-        start = time.monotonic()
-        return self.grader.grade(records), time.monotonic() - start
+    def grade_with_seconds(self, requests: list[GradeRequest]) -> tuple[list[GradeResult], float]:
+        return self.grader.grade_with_seconds(requests)
 
     def node(self) -> dict[str, Any]:
         return this_node()
 
 
 class RewardPool:
-    def __init__(
-        self,
-        workers: int = 2,
-        cpus_per_worker: float = 0.5,
-        threads_per_worker: int = 2,
-        limits: SandboxConfig = SandboxConfig(),
-        math_timeout_s: float = 5.0,
-        chunk_size: int = 8,
-        max_restarts: int = 3,
-        restart_wait_s: float = 300.0,
-        credit_truncated: bool = False,
-    ):
+    """``config.workers`` reward actors; ``chunk_size`` requests go to an actor at a time."""
+
+    def __init__(self, config: RewardConfig = RewardConfig(), chunk_size: int = 8, restart_wait_s: float = 300.0):
         self.chunk_size = chunk_size
         self.restart_wait_s = restart_wait_s
         self.lost_actors = 0
-        self.last_busy_seconds = 0.0
         self.actors = [
-            RewardActor.options(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=max_restarts)
-            .remote(limits, math_timeout_s, threads_per_worker, credit_truncated)
-            for _ in range(workers)
+            RewardActor.options(num_cpus=config.cpus_per_worker, max_restarts=config.max_restarts,
+                                max_task_retries=config.max_restarts).remote(config)
+            for _ in range(config.workers)
         ]
 
-    @classmethod
-    def from_config(cls, reward_config, restart_wait_s: float = 300.0) -> "RewardPool":
-        return cls(
-            restart_wait_s=restart_wait_s,
-            workers=reward_config.workers,
-            cpus_per_worker=reward_config.cpus_per_worker,
-            threads_per_worker=reward_config.threads_per_worker,
-            limits=reward_config.sandbox,
-            math_timeout_s=reward_config.math_timeout_s,
-            max_restarts=reward_config.max_restarts,
-            credit_truncated=reward_config.credit_truncated,
-        )
+    def grade(self, requests: Sequence[GradeRequest],
+              on_progress: Optional[Callable[[int], None]] = None) -> list[GradeResult]:
+        """Grade all requests; ``on_progress(n)`` is called as each chunk of n finishes."""
+        return self.grade_with_seconds(requests, on_progress)[0]
 
-    def grade(
-        self, records: list[dict[str, Any]], on_progress: Optional[Callable[[int], None]] = None
-    ) -> list[dict[str, Any]]:
-        """Grade all records; ``on_progress(n)`` is called as each chunk of n finishes."""
+    def grade_with_seconds(
+        self, requests: Sequence[GradeRequest], on_progress: Optional[Callable[[int], None]] = None
+    ) -> tuple[list[GradeResult], float]:
+        """(the results in the requests' order, the seconds the busiest actor spent grading: the compute)."""
+        records = list(requests)
         chunks = [(start, records[start : start + self.chunk_size]) for start in range(0, len(records), self.chunk_size)]
-        results: list[Optional[dict[str, Any]]] = [None] * len(records)
+        results: list[Optional[GradeResult]] = [None] * len(records)
         busy: dict[Any, float] = {}  # seconds each actor spent grading (its own clock)
         pending: dict[Any, tuple[int, int, Any]] = {}
         idle = list(self.actors)
@@ -84,7 +67,7 @@ class RewardPool:
             while queue and idle:
                 start, chunk = queue.pop()
                 actor = idle.pop()
-                pending[actor.timed_grade.remote(chunk)] = (start, len(chunk), actor)
+                pending[actor.grade_with_seconds.remote(chunk)] = (start, len(chunk), actor)
             done, _ = ray.wait(list(pending), num_returns=1)
             start, size, actor = pending.pop(done[0])
             try:
@@ -105,8 +88,7 @@ class RewardPool:
             idle.append(actor)
             if on_progress:
                 on_progress(size)
-        self.last_busy_seconds = max(busy.values(), default=0.0)  # the busiest actor: the phase's compute
-        return results  # type: ignore[return-value]
+        return results, max(busy.values(), default=0.0)  # type: ignore[return-value]
 
     def _back_after_restart(self, actor) -> bool:
         """Wait while Ray restarts ``actor`` (a lost node: it is placed on another one); False once it is dead

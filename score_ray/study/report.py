@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from score_ray import outcomes
 from score_ray.study.stats import PER_PROBLEM, Records, change_estimates, common_problems, estimate, gain
 
 if TYPE_CHECKING:
@@ -16,8 +17,7 @@ if TYPE_CHECKING:
 KEYS = tuple(PER_PROBLEM)
 # the second attempt's answer changes (score_ray.study.stats.change_estimates), where the records have them
 CHANGE_KEYS = ("eval/changed", "eval/change_precision")
-LABELS = {"eval/acc_t1": "Acc@t1", "eval/acc_t2": "Acc@t2", "eval/delta": "Delta(t1,t2)",
-          "eval/delta_i2c": "Delta_i->c", "eval/delta_c2i": "Delta_c->i",
+LABELS = {**{f"eval/{key}": label for key, label in outcomes.LABELS.items()},
           "eval/changed": "changed", "eval/change_precision": "precision of changes"}
 
 

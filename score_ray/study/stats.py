@@ -17,21 +17,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-# Per-problem value of each of the paper's five metrics, from the rewards of the two attempts.
-RIGHT = 0.5
+from score_ray import outcomes
 
-
-def _right(reward: float) -> float:
-    return 1.0 if reward >= RIGHT else 0.0
-
-
-PER_PROBLEM: dict[str, Callable[[float, float], float]] = {
-    "eval/acc_t1": lambda r1, r2: _right(r1),
-    "eval/acc_t2": lambda r1, r2: _right(r2),
-    "eval/delta": lambda r1, r2: _right(r2) - _right(r1),
-    "eval/delta_i2c": lambda r1, r2: (1.0 - _right(r1)) * _right(r2),
-    "eval/delta_c2i": lambda r1, r2: _right(r1) * (1.0 - _right(r2)),
-}
+# Per-problem value of each of the paper's five metrics, under their logged names (eval/<key>).
+PER_PROBLEM: dict[str, Callable[[float, float], float]] = {f"eval/{key}": value
+                                                           for key, value in outcomes.PER_PROBLEM.items()}
 
 Records = dict[str, tuple[float, float]]  # problem id -> (r1, r2) of one run
 
@@ -80,7 +70,7 @@ def change_estimates(rewards: Sequence[Records], changes: Sequence[dict[str, boo
     wrong), over the seeds of one method. The precision is a ratio of two means, a/b: its problem term is
     the delta method's var_i(a_i - R b_i) / (N b^2), its seed term the variance of the seeds' own ratios."""
     changed = [[float(run[problem]) for problem in problems] for run in changes]
-    wrong_changed = [[float(run[problem]) * (1.0 - _right(seed_rewards[problem][0])) for problem in problems]
+    wrong_changed = [[float(run[problem]) * (1.0 - outcomes.right(seed_rewards[problem][0])) for problem in problems]
                      for run, seed_rewards in zip(changes, rewards)]
     a = [sum(column) / len(changed) for column in zip(*wrong_changed)]
     b = [sum(column) / len(changed) for column in zip(*changed)]

@@ -7,9 +7,16 @@ import pytest
 
 from conftest import run_module
 
+from score_ray.config import RewardConfig
+from score_ray.reward.types import GradeRequest
+
 GOOD = "```python\ndef add(a, b):\n    return a + b\n```"
 BAD = "```python\ndef add(a, b):\n    return a - b\n```"
 TESTS = ["assert add(2, 3) == 5"]
+
+
+def requests(records):
+    return [GradeRequest.from_record(record) for record in records]
 
 
 def mixed_records(n):
@@ -36,14 +43,14 @@ def expected(record):
 def test_pool_grades_in_input_order_with_every_reward_right(ray_local):
     from score_ray.reward.pool import RewardPool
 
-    pool = RewardPool(workers=2, cpus_per_worker=0.5, threads_per_worker=2)
+    pool = RewardPool(RewardConfig(workers=2, cpus_per_worker=0.5, threads_per_worker=2))
     records = mixed_records(40)
     progress = []
-    results = pool.grade(records, on_progress=progress.append)
+    results = pool.grade(requests(records), on_progress=progress.append)
     pool.shutdown()
-    assert [r["reward"] for r in results] == [expected(r) for r in records]
+    assert [r.reward for r in results] == [expected(r) for r in records]
     assert sum(progress) == 40
-    assert all(r["status"] in ("correct", "wrong") and r["seconds"] >= 0 for r in results)
+    assert all(r.status in ("correct", "wrong") and r.seconds >= 0 for r in results)
 
 
 SLOW_GOOD = "```python\nimport time\ntime.sleep(1)\ndef add(a, b):\n    return a + b\n```"
@@ -64,18 +71,18 @@ def test_a_killed_reward_actor_is_restarted_and_its_chunk_retried(ray_local):
 
     from score_ray.reward.pool import RewardPool
 
-    pool = RewardPool(workers=1, cpus_per_worker=0.5, threads_per_worker=1, chunk_size=4)
+    pool = RewardPool(RewardConfig(workers=1, cpus_per_worker=0.5, threads_per_worker=1), chunk_size=4)
     records = slow_records(8)
     victim = pool.actors[0]
     ray.get(victim.node.remote())
     killer = threading.Timer(1.5, lambda: ray.kill(victim, no_restart=False))  # mid-way through the first chunk
     killer.start()
-    results = pool.grade(records)
+    results = pool.grade(requests(records))
     killer.join()
     pool.shutdown()
     # nothing lost, nothing counted twice: one result per record, each the reward of its own program
-    assert [r["reward"] for r in results] == [1.0, 0.0] * 4
-    assert [r["status"] for r in results] == ["correct", "wrong"] * 4
+    assert [r.reward for r in results] == [1.0, 0.0] * 4
+    assert [r.status for r in results] == ["correct", "wrong"] * 4
 
 
 @pytest.mark.slow
@@ -86,15 +93,15 @@ def test_a_reward_actor_past_its_restarts_leaves_the_pool_and_its_chunk_goes_to_
 
     from score_ray.reward.pool import RewardPool
 
-    pool = RewardPool(workers=2, cpus_per_worker=0.5, threads_per_worker=1, chunk_size=2, max_restarts=0)
+    pool = RewardPool(RewardConfig(workers=2, cpus_per_worker=0.5, threads_per_worker=1, max_restarts=0), chunk_size=2)
     ray.get([actor.node.remote() for actor in pool.actors])
     victim = pool.actors[0]
     killer = threading.Timer(1.5, lambda: ray.kill(victim, no_restart=False))
     killer.start()
-    results = pool.grade(slow_records(8))
+    results = pool.grade(requests(slow_records(8)))
     killer.join()
     assert pool.lost_actors == 1 and len(pool.actors) == 1
-    assert [r["reward"] for r in results] == [1.0, 0.0] * 4
+    assert [r.reward for r in results] == [1.0, 0.0] * 4
     pool.shutdown()
 
 
@@ -104,14 +111,15 @@ def test_grader_timeouts_and_errors_score_zero_and_raise_the_alarm(ray_local):
     from score_ray.config import SandboxConfig
     from score_ray.faults import grading_alarm
 
-    pool = RewardPool(workers=1, cpus_per_worker=0.5, threads_per_worker=4, limits=SandboxConfig(wall_seconds=1.0))
+    pool = RewardPool(RewardConfig(workers=1, cpus_per_worker=0.5, threads_per_worker=4,
+                                   sandbox=SandboxConfig(wall_seconds=1.0)))
     hang = {"kind": "code", "response": "```python\nwhile True: pass\n```", "tests": TESTS}
     crash = {"kind": "code", "response": GOOD}  # no tests: the grader reports an error, it does not raise
     good = {"kind": "code", "response": GOOD, "tests": TESTS}
-    results = pool.grade([hang, crash, good, good])
+    results = pool.grade(requests([hang, crash, good, good]))
     pool.shutdown()
-    assert [r["status"] for r in results] == ["timeout", "error", "correct", "correct"]
-    assert [r["reward"] for r in results] == [0.0, 0.0, 1.0, 1.0]
+    assert [r.status for r in results] == ["timeout", "error", "correct", "correct"]
+    assert [r.reward for r in results] == [0.0, 0.0, 1.0, 1.0]
     message = grading_alarm(results, threshold=0.25)
     assert message is not None and message.startswith("50% of 4 grades failed (timeout 1, error 1")
     assert grading_alarm(results, threshold=0.5) is None

@@ -12,13 +12,13 @@ pytestmark = pytest.mark.slow
 def group_and_reference(ray_local):
     import ray
 
-    from score_ray.assets import resolve_model_path
+    from score_ray.assets import model_folder
     from score_ray.learner import LearnerGroup, ReferenceActor
 
     config = load_config("smoke", ["learner.trainable=top_layers", "learner.trainable_top_layers=1",
                                    "learner.lr=1e-3", "rollout.temperature=0.7"])
     assert config.learner.shares_trunk and config.learner.num_ranks == 2
-    resolve_model_path(config.model.path, config.model.tiny.model_dump())
+    model_folder(config.model)
     reference = ReferenceActor.options(num_cpus=0.5).remote(config.model, 0.5)
     group = LearnerGroup(config.model, config.learner, config.algo, 0, 120)
     ray.get(reference.ready.remote())
@@ -58,12 +58,13 @@ def test_the_ranks_reference_log_probs_are_the_reference_actors_before_and_after
     assert not np.allclose(expected[0], ray.get(reference.sequence_logprobs.remote(sequences, selects, 0.7))[0],
                            atol=1e-3)
     for _ in range(2):
-        shared, seconds = group.reference_logprobs(sequences, selects, temperatures)
+        reference = group.reference_logprobs(sequences, selects, temperatures)
+        shared, seconds = reference.logps, reference.compute_seconds
         assert seconds > 0
         for got, want in zip(shared, expected):
             assert np.allclose(got, want, atol=1e-5)
         stats = group.train_step(samples_for(sequences, selects, shared))
-        assert stats["applied"] == 1.0 and stats["trunk_batches"] == stats["filled_batches"] > 0
+        assert stats.applied and stats.trunk_batches == stats.filled_batches > 0
     # The policy moved away from the reference, so the comparison above could fail.
     policy = group.sequence_logprobs(sequences, temperatures)
     start = 5
@@ -74,12 +75,12 @@ def test_a_step_on_the_kept_trunk_is_the_step_of_the_whole_model(group_and_refer
     config, group, reference = group_and_reference
     sequences, selects = sequences_and_selects(seed=1)
     group.save_checkpoint(str(tmp_path), "start")
-    refs, _ = group.reference_logprobs(sequences, selects, turn_temperatures(sequences))
+    refs = group.reference_logprobs(sequences, selects, turn_temperatures(sequences)).logps
     on_trunk = group.train_step(samples_for(sequences, selects, refs))
-    assert on_trunk["trunk_batches"] == on_trunk["filled_batches"] > 0  # every micro-batch found its trunk
+    assert on_trunk.trunk_batches == on_trunk.filled_batches > 0  # every micro-batch found its trunk
     group.load_checkpoint(str(tmp_path), "start")
     whole = group.train_step(samples_for(sequences, selects, refs))  # nothing kept: the whole forward
-    assert whole["trunk_batches"] == 0
-    assert on_trunk["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
-    assert on_trunk["loss"] == pytest.approx(whole["loss"], rel=1e-6)
-    assert on_trunk["kl"] == pytest.approx(whole["kl"], rel=1e-5, abs=1e-9)
+    assert whole.trunk_batches == 0
+    assert on_trunk.grad_norm == pytest.approx(whole.grad_norm, rel=1e-5)
+    assert on_trunk.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert on_trunk.kl == pytest.approx(whole.kl, rel=1e-5, abs=1e-9)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def stack(request, ray_local):
     import ray
 
-    from score_ray.assets import resolve_model_path
+    from score_ray.assets import model_folder
     from score_ray.learner import LearnerGroup, ReferenceActor
     from score_ray.rollout import GeneratorActor
 
@@ -21,7 +21,7 @@ def stack(request, ray_local):
     # the sampler's log-probs to match.
     config = load_config("smoke", [f"learner.zero_stage={request.param}", "learner.trainable=all", "learner.lr=2e-4",
                                    "rollout.temperature=0.7", "rollout.temperature_turn1=1.3"])
-    resolve_model_path(config.model.path, config.model.tiny.model_dump())  # built once, before the actors
+    model_folder(config.model)  # built once, before the actors
     generator = GeneratorActor.options(num_cpus=0.5).remote(config.model, config.rollout, config.prompts, 0)
     reference = ReferenceActor.options(num_cpus=0.5).remote(config.model, 0.5)
     group = LearnerGroup(config.model, config.learner, config.algo, 0, 120)
@@ -105,7 +105,7 @@ def test_episodes_are_two_turns_built_from_sampled_ids_scored_at_each_turns_temp
                                kl_coef=[0.0] * len(t), old_logp=[0.0] * len(t), ref_logp=r, temperature=scored_at(t))
                  for e, r, t in zip(episodes, refs, temperatures)]
         stats = group.train_step(batch)
-        return stats["kl"] / stats["tokens"]
+        return stats.kl / stats.tokens
 
     assert kl_per_token(lambda t: t) < 1e-5
     assert kl_per_token(lambda t: [config.rollout.temperature] * len(t)) > 1e-3
@@ -144,8 +144,8 @@ def test_loss_falls_on_a_fixed_batch_and_weights_sync_every_step(stack):
     losses, before = [], group.sequence_logprobs(probe)[0]
     for version in range(1, 4):
         stats = group.train_step(batch)
-        losses.append(stats["loss"] / stats["tokens"])
-        ray.get(generator.update_weights.remote(group.publish_weights()[0], version))
+        losses.append(stats.loss / stats.tokens)
+        ray.get(generator.update_weights.remote(group.publish_weights()[0]))
         learner_now = group.sequence_logprobs(probe)[0]
         generator_now = ray.get(generator.sequence_logprobs.remote(probe))[0]
         # after every sync the generator scores exactly as the learner does ...
@@ -200,10 +200,10 @@ def test_a_step_is_the_same_however_the_batch_is_cut_into_micro_batches_and_coun
             group.load_checkpoint(str(tmp_path), "start")
             group.max_tokens = cut[count]
             stats = group.train_step(batch)
-            assert stats["micro_batches"] == count and stats["applied"] == 1.0, (count, stats)
+            assert stats.micro_batches == count and stats.applied, (count, stats)
             # The gradient stepped on is the whole batch's: its norm and the loss are those of one micro-batch.
-            assert stats["grad_norm"] == pytest.approx(in_one["grad_norm"], rel=1e-4), count
-            assert stats["loss"] == pytest.approx(in_one["loss"], rel=1e-5), count
+            assert stats.grad_norm == pytest.approx(in_one.grad_norm, rel=1e-4), count
+            assert stats.loss == pytest.approx(in_one.loss, rel=1e-5), count
     finally:
         group.max_tokens = whole
 
@@ -225,7 +225,7 @@ def test_a_non_finite_step_is_skipped_counted_and_the_last_good_state_checkpoint
     state, limit, message = TrainerState(iteration=7), 3, None
     for _ in range(limit):
         stats = group.train_step([sample_for(e, r, float("nan")) for e, r in zip(episodes, refs)])
-        assert stats["applied"] == 0.0 and not math.isfinite(stats["loss"])
+        assert not stats.applied and not math.isfinite(stats.loss)
         assert trainable_weights(group) == good_weights  # byte for byte: nothing was applied
         message = account_step(state, applied=False, limit=limit)
     assert state.skipped_steps == 3 and "3 optimiser steps in a row" in message
@@ -233,7 +233,7 @@ def test_a_non_finite_step_is_skipped_counted_and_the_last_good_state_checkpoint
     folder = save_checkpoint(tmp_path, group, state, keep=1)
     # A finite step is applied again after the skips, and moves the weights ...
     stats = group.train_step([sample_for(e, r, 1.0) for e, r in zip(episodes, refs)])
-    assert stats["applied"] == 1.0 and trainable_weights(group) != good_weights
+    assert stats.applied and trainable_weights(group) != good_weights
     assert account_step(state, applied=True, limit=limit) is None and state.skipped_in_row == 0
     # ... and the checkpoint written at the stop holds the last good weights.
     assert whole_checkpoints(tmp_path) == [folder] and load_state(folder).skipped_steps == 3
