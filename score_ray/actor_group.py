@@ -103,7 +103,7 @@ class ActorGroup:
     # ------------------------------------------------------------------ placement
     def _start_reference(self):
         """The frozen reference's actor; None when the learner ranks serve it (learner.share_trunk)."""
-        from score_ray.learner import ReferenceActor
+        from score_ray.reference import ReferenceActor
 
         learner = self.config.learner
         if learner.shares_trunk:
@@ -123,7 +123,7 @@ class ActorGroup:
 
     def record_placement(self, iteration: int, reason: str) -> None:
         """Append where every role runs now to the run folder's nodes.json (the driver's node included)."""
-        from score_ray.learner import gather
+        from score_ray.actor_calls import gather
         from score_ray.placement import this_node
 
         roles = {
@@ -255,7 +255,7 @@ class ActorGroup:
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
                            temperatures: list[list[float]]) -> ReferenceLogprobs:
         """The frozen reference's log-probs at the ``select``-ed positions, each at its own sampling temperature."""
-        from score_ray.learner import gather
+        from score_ray.actor_calls import gather
 
         if self.reference is None:  # the learner ranks serve it from their shared trunk
             return self.learner.reference_logprobs(sequences, select, temperatures)

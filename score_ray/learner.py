@@ -1,4 +1,4 @@
-"""LearnerGroup: N Ray actors forming one DeepSpeed ZeRO group, and the frozen ReferenceActor.
+"""LearnerGroup: N Ray actors forming one DeepSpeed ZeRO group, and the optimiser step they take.
 
 Each rank sets the torch.distributed environment itself and joins the group with
 ``deepspeed.init_distributed`` (gloo on CPU, NCCL on GPU). A training step takes
@@ -7,9 +7,8 @@ advantages and KL coefficients per token, sampler and reference log-probs), spli
 them into micro-batches bounded by tokens, and makes one optimiser step. Every rank runs the same number of
 micro-batches (ZeRO-3 needs every rank in every forward), padding with empty ones.
 
-Weights leave the group through rank 0 (score_ray.weight_sync): under ZeRO-3 each
-parameter is gathered on every rank (all must take part) and rank 0 keeps the full
-tensor.
+Weights leave the group through rank 0 (score_ray.weight_export, score_ray.weight_sync). With
+learner.share_trunk the ranks also serve the reference (score_ray.reference.SharedTrunk).
 
 The group's rendezvous (torch's TCPStore, MASTER_ADDR / MASTER_PORT) lives on rank
 0's node, read there once the placement group has put rank 0 somewhere: on a cluster
@@ -20,7 +19,6 @@ group and reloads the last whole checkpoint (with NCCL weight sync it stops inst
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -28,47 +26,12 @@ from typing import Any, Optional, Sequence
 import ray
 
 from score_ray import algo
+from score_ray.actor_calls import call_ranks, gather
 from score_ray.config import AlgoConfig, LearnerConfig, ModelConfig
-from score_ray.faults import LearnerLost
 from score_ray.placement import kill_actors
 from score_ray.records import SUMMED_STEP_FIELDS, ReferenceLogprobs, StepStats
+from score_ray.reference import SharedTrunk, set_torch_threads
 from score_ray.samples import POSITION_FIELDS, LearnerSample, PositionTemperatures
-
-
-def gather(refs: list, role: str = "learner rank", grace_s: float = 60.0) -> list:
-    """``ray.get`` of every ref, raising ``LearnerLost`` as soon as ONE actor died: the others may be
-    blocked in a collective with the dead one and would never answer.
-
-    A survivor's collective often fails (connection reset by the dead peer) before Ray reports the death
-    itself; after such an error the other refs get ``grace_s`` to show whether a peer died, which makes the
-    failure a ``LearnerLost``, before the error is raised as it is.
-    """
-    pending = {ref: index for index, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    first_error: Optional[BaseException] = None
-    deadline = None
-    while pending:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-        if not done:  # grace over: no peer reported dead
-            break
-        index = pending.pop(done[0])
-        try:
-            results[index] = ray.get(done[0])
-        except ray.exceptions.RayActorError as err:
-            raise LearnerLost(f"{role} {index} died ({str(err).splitlines()[0][:240]})") from err
-        except Exception as err:  # noqa: BLE001 - re-raised below unless a peer turns out dead
-            if first_error is None:
-                first_error, deadline = err, time.monotonic() + grace_s
-    if first_error is not None:
-        raise first_error
-    return results
-
-
-def _set_threads(cpus: float) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(cpus)))
 
 
 def trainable_names(model, mode: str, top_layers: int) -> set[str]:
@@ -118,7 +81,7 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.model_config = model
         self.seed, self.dtype = seed, model.dtype
-        self.learner, self.algo = learner, algo_config
+        self.learner, self.algo_config = learner, algo_config
 
     def rendezvous(self) -> tuple[str, int]:
         """(this node's address, a port free on it): where the group's TCPStore will listen (rank 0)."""
@@ -147,7 +110,7 @@ class LearnerWorker:
 
         learner, dtype = self.learner, self.dtype
         self.on_gpu = bool(ray.get_gpu_ids())
-        _set_threads(learner.cpus_per_rank)
+        set_torch_threads(learner.cpus_per_rank)
         torch.manual_seed(self.seed)
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
         model_path = model_folder(self.model_config)  # on this node: the driver's paths may not exist here
@@ -172,25 +135,17 @@ class LearnerWorker:
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=learner.lr, weight_decay=learner.weight_decay
         )
-        # The reference's copies of the blocks above the cut (and the final norm), taken from the base weights
-        # before any checkpoint loads: the blocks below are frozen, so the base model is these on the trunk.
-        self.cut, self.reference_top, self.trunk_cache = None, None, {}
-        if learner.shares_trunk:
-            from score_ray.modeling import check_splittable
-
-            check_splittable(model)
-            decoder = model.get_decoder()
-            self.cut = max(0, len(decoder.layers) - learner.trainable_top_layers)
-            self.reference_top = (copy.deepcopy(decoder.layers[self.cut:]).requires_grad_(False).eval(),
-                                  copy.deepcopy(decoder.norm).requires_grad_(False).eval())
+        # taken from the base weights before any checkpoint loads (score_ray.reference)
+        self.shared_trunk = SharedTrunk(model, learner.trainable_top_layers) if learner.shares_trunk else None
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        if self.reference_top is not None:
-            self.reference_top = tuple(part.to(self.engine.device) for part in self.reference_top)
+        if self.shared_trunk is not None:
+            self.shared_trunk.to(self.engine.device)
         return {**this_node(), "rank": self.rank, "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     # ------------------------------------------------------------------ training
     def train_step(
-        self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool = False
+        self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool = False,
+        trunk_rows: Optional[list[list[int]]] = None,
     ) -> StepStats:
         """One optimiser step over this rank's micro-batches (all ranks get the same count).
 
@@ -200,9 +155,10 @@ class LearnerWorker:
 
         A non-finite gradient norm makes DeepSpeed's ZeRO optimiser drop the step (weights and
         optimiser state untouched); ``applied`` reports it so the trainer can count and stop.
+        ``trunk_rows``: per micro-batch, the reference pass's row of each sample (learner.share_trunk).
         """
         try:
-            return self._train_step(micro_batches, total_tokens, off_policy)
+            return self._train_step(micro_batches, total_tokens, off_policy, trunk_rows)
         except Exception as err:  # noqa: BLE001 - an OOM is re-raised with the settings that bound memory
             from score_ray.rollout import is_out_of_memory
 
@@ -213,7 +169,8 @@ class LearnerWorker:
                 ) from err
             raise
 
-    def _train_step(self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool) -> StepStats:
+    def _train_step(self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool,
+                    trunk_rows: Optional[list[list[int]]]) -> StepStats:
         import torch
 
         start = time.monotonic()
@@ -235,7 +192,8 @@ class LearnerWorker:
             # Only trained tokens go through the LM head; the fields are flattened the same way.
             # each position at its turn's sampling temperature (score_ray.modeling)
             temperature = fields["temperature"].to(device)
-            logp, entropy, from_trunk = self._policy_logprobs(batch, ids.to(device), attention.to(device),
+            rows = trunk_rows[index] if trunk_rows is not None else None
+            logp, entropy, from_trunk = self._policy_logprobs(rows, ids.to(device), attention.to(device),
                                                               select.to(device), temperature)
             sums["trunk_batches"] += float(from_trunk)
             sums["filled_batches"] += float(bool(batch))
@@ -247,11 +205,11 @@ class LearnerWorker:
                 fields["advantage"],
                 fields["kl_coef"],
                 fields["loss_mask"],
-                policy_loss=self.algo.policy_loss,
-                kl_estimator=self.algo.kl_estimator,
-                kl_in_loss=self.algo.kl_in == "loss",
-                clip_eps=self.algo.clip_eps,
-                importance_cap=self.algo.importance_cap if off_policy else None,
+                policy_loss=self.algo_config.policy_loss,
+                kl_estimator=self.algo_config.kl_estimator,
+                kl_in_loss=self.algo_config.kl_in == "loss",
+                clip_eps=self.algo_config.clip_eps,
+                importance_cap=self.algo_config.importance_cap if off_policy else None,
             )
             self.engine.backward(loss_sum * scale)
             self.engine.step()  # a no-op but for the micro-step count until the boundary
@@ -264,51 +222,28 @@ class LearnerWorker:
                          grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
                          applied=bool(self.engine.was_step_applied()), micro_batches=count)
 
-    def _policy_logprobs(self, batch: list[LearnerSample], ids, attention, select, temperature):
+    def _policy_logprobs(self, rows: Optional[list[int]], ids, attention, select, temperature):
         """(the policy's log-probs with gradient, entropies, whether they came from a kept trunk) at ``select``:
-        from the trunk this rank kept for the batch's sequences in ``reference_logprobs`` (the top blocks
-        alone), else the whole model."""
-        import torch
+        the top blocks alone on the trunks this rank kept for ``rows`` in its reference pass, else the whole
+        model."""
+        from score_ray.modeling import selected_token_logprobs
 
-        from score_ray.modeling import selected_token_logprobs, top_logprobs
-
-        kept = [self.trunk_cache.get(tuple(sample.input_ids)) for sample in batch]
-        if not batch or any(trunk is None for trunk in kept):
-            return (*selected_token_logprobs(self.engine, ids, attention, select, with_entropy=True,
-                                             temperature=temperature), False)
-        trunk = torch.zeros((*ids.shape, kept[0].shape[-1]), dtype=kept[0].dtype, device=ids.device)
-        for row, hidden in enumerate(kept):
-            trunk[row, : hidden.shape[0]] = hidden
-        decoder = self.engine.module.get_decoder()
-        return (*top_logprobs(self.engine, trunk, ids, attention, select, decoder.layers[self.cut:], decoder.norm,
-                              with_entropy=True, temperature=temperature), True)
+        trunk = self.shared_trunk
+        if trunk is not None and trunk.holds(rows):
+            return (*trunk.policy_logprobs(self.engine, rows, ids, attention, select, temperature), True)
+        return (*selected_token_logprobs(self.engine, ids, attention, select, with_entropy=True,
+                                         temperature=temperature), False)
 
     # ------------------------------------------------------------------ log-probs and weights
-    def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
+    def reference_logprobs(self, sequences: list[list[int]], rows: list[int], select: list[list[float]],
                            temperature: PositionTemperatures = 1.0) -> ReferenceLogprobs:
-        """The base model's log-probs at the ``select``-ed positions, from one pass through
-        the frozen trunk and the reference's copies of the top blocks (learner.share_trunk). The trunk's
-        hidden states are kept until the next call (every pass of the iteration's step can use them), and
-        ``train_step`` then runs the top blocks only."""
-        import torch
-
-        from score_ray.modeling import sequence_logprobs, top_logprobs, trunk_hidden
-
+        """The base model's log-probs of this rank's share (rows ``rows`` of the pass) through the shared trunk
+        (learner.share_trunk); each row's trunk is kept for ``train_step``."""
         start = time.monotonic()
         self.engine.eval()
-        module, (layers, norm) = self.engine.module, self.reference_top
-        self.trunk_cache = {}
-
-        def score_batch(ids, mask, flags, batch, batch_temperature):
-            trunk = trunk_hidden(module, ids, mask, self.cut)
-            for row, index in enumerate(batch):
-                self.trunk_cache[tuple(sequences[index])] = trunk[row, : len(sequences[index])].clone()
-            return top_logprobs(module, trunk, ids, mask, flags, layers, norm, temperature=batch_temperature)[0]
-
-        with torch.no_grad():
-            result = sequence_logprobs(module, sequences, self.pad_id, max_tokens=self.learner.micro_batch_tokens,
-                                       select=select, temperature=temperature, score_batch=score_batch)
-        return ReferenceLogprobs(result, compute_seconds=time.monotonic() - start)
+        logps = self.shared_trunk.reference_logprobs(self.engine.module, sequences, rows, select, temperature,
+                                                     self.pad_id, self.learner.micro_batch_tokens)
+        return ReferenceLogprobs(logps, compute_seconds=time.monotonic() - start)
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         from score_ray.modeling import sequence_logprobs
@@ -316,41 +251,16 @@ class LearnerWorker:
         self.engine.eval()
         return sequence_logprobs(self.engine, sequences, self.pad_id, temperature=temperature)
 
-    def _full_parameters(self, names: Optional[set[str]] = None):
-        """Yield (name, full tensor) in model order; under ZeRO-3 every rank must iterate together."""
-        import deepspeed
-
-        for name, param in self.engine.module.named_parameters():
-            if names is not None and name not in names:
-                continue
-            if hasattr(param, "ds_id"):  # ZeRO-3 partitioned
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    yield name, param.detach().clone().contiguous()
-            else:
-                yield name, param.detach().contiguous()
-
-    def _trainable_on_rank0(self, dtype: str) -> Optional[list[tuple[str, Any]]]:
-        """(name, full tensor in ``dtype``) of the trainable weights on rank 0, None elsewhere (every rank
-        must call: ZeRO-3 gathers each parameter on all ranks)."""
-        import torch
-
-        pairs = []
-        for name, tensor in self._full_parameters(set(self.trainable)):
-            if self.rank == 0:
-                pairs.append((name, tensor.to(getattr(torch, dtype))))
-        return pairs if self.rank == 0 else None
-
     def publish_weights(self, dtype: str = "float32") -> Optional[tuple[list, int, float]]:
-        """Rank 0 packs the trainable weights into one buffer in the object store (score_ray.weight_pack) and
-        returns ([ref], bytes, seconds); generators read it zero-copy, without a trip through the driver."""
-        from score_ray.weight_pack import pack_tensors
+        """Rank 0 packs the trainable weights into one buffer in the object store and returns ([ref], bytes,
+        seconds); None on the others (score_ray.weight_export)."""
+        from score_ray.weight_export import packed_on_rank0
 
         start = time.monotonic()
-        pairs = self._trainable_on_rank0(dtype)
-        if pairs is None:
+        packed = packed_on_rank0(self.engine.module, self.rank, set(self.trainable), dtype)
+        if packed is None:
             return None
-        header, buffer = pack_tensors(pairs)
-        return [ray.put((header, buffer))], int(buffer.nbytes), time.monotonic() - start
+        return [packed[0]], packed[1], time.monotonic() - start
 
     def transfer_endpoints(self, count: int) -> tuple[str, list[int]]:
         """(this node's address, ``count`` ports free on it) for the NCCL transfer groups rank 0 hosts."""
@@ -374,70 +284,23 @@ class LearnerWorker:
 
     def save_hf(self, path: str) -> Optional[str]:
         """Write the full model as a Hugging Face folder (rank 0 writes; all ranks take part)."""
-        state = {}
-        for name, tensor in self._full_parameters():
-            if self.rank == 0:
-                state[name] = tensor.cpu()
-        if self.rank != 0:
-            return None
-        module = self.engine.module
-        module.save_pretrained(path, state_dict=state, safe_serialization=True)
-        return path
+        from score_ray.weight_export import save_hf
+
+        return save_hf(self.engine.module, self.rank, path)
 
     def save_checkpoint(self, folder: str, tag: str) -> None:
         self.engine.save_checkpoint(folder, tag=tag)
 
     def load_checkpoint(self, folder: str, tag: str) -> None:
-        self.trunk_cache = {}  # still right (the trunk is frozen), but a reload starts from nothing kept
+        if self.shared_trunk is not None:
+            self.shared_trunk.forget()
         path, _ = self.engine.load_checkpoint(folder, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {folder}")
 
 
-@ray.remote
-class ReferenceActor:
-    """The frozen base model: per-token log-probs of both turns."""
-
-    def __init__(self, model: ModelConfig, cpus: float = 1.0):
-        from score_ray.assets import model_folder
-        from score_ray.modeling import load_causal_lm
-
-        _set_threads(cpus)
-        on_gpu = bool(ray.get_gpu_ids())
-        model_path = model_folder(model)  # on this node
-        self.model = load_causal_lm(model_path, dtype=model.dtype if on_gpu else "float32",
-                                    device="cuda" if on_gpu else "cpu")
-        self.model.eval()
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
-
-    def ready(self) -> dict[str, Any]:
-        from score_ray.placement import this_node
-
-        return this_node()
-
-    def sequence_logprobs(
-        self, sequences: list[list[int]], select: Optional[list[list[float]]] = None,
-        temperature: PositionTemperatures = 1.0,
-    ) -> list[list[float]]:
-        """Log-probs of every position, or only of the ``select``-ed ones (the rest 0), at ``temperature``
-        (one, or each position's own)."""
-        from score_ray.modeling import sequence_logprobs
-
-        return sequence_logprobs(self.model, sequences, self.pad_id, select=select, temperature=temperature)
-
-    def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
-                           temperature: PositionTemperatures = 1.0) -> ReferenceLogprobs:
-        """``sequence_logprobs`` at the ``select``-ed positions, with the seconds they took here."""
-        start = time.monotonic()
-        logps = self.sequence_logprobs(sequences, select, temperature)
-        return ReferenceLogprobs(logps, compute_seconds=time.monotonic() - start)
-
-
 def deal_to_ranks(lengths: Sequence[int], ranks: int) -> list[list[int]]:
-    """Indices per rank, balanced by tokens: longest first to the least-loaded rank. The reference pass and
-    the train step deal the same sequences alike, so each rank finds its trunk kept (learner.share_trunk)."""
+    """Indices per rank, balanced by tokens: longest first to the least-loaded rank."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     shares: list[list[int]] = [[] for _ in range(ranks)]
     loads = [0] * ranks
@@ -448,18 +311,37 @@ def deal_to_ranks(lengths: Sequence[int], ranks: int) -> list[list[int]]:
     return shares
 
 
-def split_micro_batches(samples: Sequence[LearnerSample], ranks: int, max_tokens: int) -> list[list[list[LearnerSample]]]:
-    """Deal samples to ranks (balanced by tokens), then cut each rank's share into token-bounded
-    micro-batches, padding every rank to the same micro-batch count."""
+def micro_batch_indices(lengths: Sequence[int], ranks: int, max_tokens: int,
+                        shares: Optional[list[list[int]]] = None) -> list[list[list[int]]]:
+    """Per rank, its micro-batches as indices into ``lengths``: the sequences dealt to ranks (balanced by
+    tokens, or as ``shares`` says), each rank's share cut into token-bounded micro-batches, every rank padded
+    with empty ones to the same count."""
     from score_ray.modeling import token_budget_batches
 
-    shares = [[samples[i] for i in share] for share in deal_to_ranks([len(s.input_ids) for s in samples], ranks)]
+    shares = shares if shares is not None else deal_to_ranks(lengths, ranks)
     per_rank = []
     for share in shares:
-        lengths = [len(s.input_ids) for s in share]
-        per_rank.append([[share[i] for i in batch] for batch in token_budget_batches(lengths, max_tokens)])
+        batches = token_budget_batches([lengths[i] for i in share], max_tokens)
+        per_rank.append([[share[i] for i in batch] for batch in batches])
     count = max(1, max(len(batches) for batches in per_rank))
     return [batches + [[]] * (count - len(batches)) for batches in per_rank]
+
+
+def deal_by_trunk(trunk_shares: Optional[list[list[int]]], trunk_rows: Sequence[int]) -> Optional[list[list[int]]]:
+    """Sample indices per rank when sample i is row ``trunk_rows[i]`` of a reference pass whose rows each rank
+    kept as ``trunk_shares`` says: each sample to the rank that kept its row, in that rank's order. None when
+    nothing is kept or a row is not one of that pass's (the step then runs the whole model)."""
+    if trunk_shares is None:
+        return None
+    sample_of = {row: index for index, row in enumerate(trunk_rows)}
+    deal = [[sample_of[row] for row in rows if row in sample_of] for rows in trunk_shares]
+    return deal if sum(len(share) for share in deal) == len(trunk_rows) else None
+
+
+def split_micro_batches(samples: Sequence[LearnerSample], ranks: int, max_tokens: int) -> list[list[list[LearnerSample]]]:
+    """``micro_batch_indices`` of the samples, as the samples."""
+    per_rank = micro_batch_indices([len(s.input_ids) for s in samples], ranks, max_tokens)
+    return [[[samples[i] for i in batch] for batch in batches] for batches in per_rank]
 
 
 class LearnerGroup:
@@ -493,22 +375,33 @@ class LearnerGroup:
         try:
             # The TCPStore listens on rank 0's node, not the driver's (a CPU-only head on a cluster).
             address, port = gather([self.workers[0].rendezvous.remote()])[0]
-            self.nodes = gather([worker.setup.remote(address, port) for worker in self.workers])
+            self.nodes = call_ranks(self.workers, "setup", address, port)
         except BaseException:
             self.shutdown()  # a half-built group must not hold its placement
             raise
         self.max_tokens = learner.micro_batch_tokens
+        self.trunk_shares: Optional[list[list[int]]] = None  # rows each rank kept in the last reference pass
 
-    def train_step(self, samples: Sequence[LearnerSample], off_policy: bool = False) -> StepStats:
-        """One optimiser step on the whole batch; ``applied`` is False when DeepSpeed skipped it (non-finite)."""
-        shares = split_micro_batches(samples, len(self.workers), self.max_tokens)
+    def train_step(self, samples: Sequence[LearnerSample], off_policy: bool = False,
+                   trunk_rows: Optional[Sequence[int]] = None) -> StepStats:
+        """One optimiser step on the whole batch; ``applied`` is False when DeepSpeed skipped it (non-finite).
+
+        ``trunk_rows[i]``: the row of the last ``reference_logprobs`` pass that scored sample i's sequence
+        (learner.share_trunk). Each sample then goes to the rank that kept its trunk, which runs only the top
+        blocks on it; without them (or when they are not all that pass's rows) every rank runs the whole model."""
+        deal = deal_by_trunk(self.trunk_shares, trunk_rows) if trunk_rows is not None else None
+        per_rank = micro_batch_indices([len(s.input_ids) for s in samples], len(self.workers), self.max_tokens, deal)
+        batches = [([[samples[i] for i in batch] for batch in rank_batches],) for rank_batches in per_rank]
+        rows = ([[[trunk_rows[i] for i in batch] for batch in rank_batches] for rank_batches in per_rank]
+                if deal is not None else [None] * len(per_rank))
         total = int(sum(sum(s.loss_mask) for s in samples))
-        results = gather([w.train_step.remote(share, total, off_policy) for w, share in zip(self.workers, shares)])
-        return StepStats.of_ranks(results, micro_batches=len(shares[0]))
+        results = call_ranks(self.workers, "train_step",
+                             per_rank=[(mine[0], total, off_policy, kept) for mine, kept in zip(batches, rows)])
+        return StepStats.of_ranks(results, micro_batches=len(per_rank[0]))
 
     def publish_weights(self, dtype: str = "float32") -> tuple[Any, int, float]:
         """(ObjectRef of rank 0's packed trainable weights, their size in bytes, seconds spent building them)."""
-        published = gather([w.publish_weights.remote(dtype) for w in self.workers])[0]
+        published = call_ranks(self.workers, "publish_weights", dtype)[0]
         return published[0][0], published[1], published[2]
 
     def connect_nccl(self, generators: list, tensor_parallel_size: int, dtype: str, buffer_bytes: int) -> None:
@@ -518,39 +411,42 @@ class LearnerGroup:
         # Rank 0 hosts every group's TCPStore: its address, and ports free on its node.
         address, ports = gather([self.workers[0].transfer_endpoints.remote(len(generators))])[0]
         groups = transfer_layout(len(generators), tensor_parallel_size, address, ports, buffer_bytes=buffer_bytes)
-        gather([w.nccl_connect.remote(groups, generators, dtype) for w in self.workers])
+        call_ranks(self.workers, "nccl_connect", groups, generators, dtype)
 
     def send_nccl(self) -> None:
-        gather([w.nccl_send.remote() for w in self.workers])
+        call_ranks(self.workers, "nccl_send")
 
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
                            temperature: PositionTemperatures = 1.0) -> ReferenceLogprobs:
-        """The reference's log-probs from the ranks' shared trunk (learner.share_trunk), each rank scoring the
-        share it will train on, in the order given."""
+        """The reference's log-probs from the ranks' shared trunk (learner.share_trunk), in the order given:
+        sequence i is row i of this pass, scored (and its trunk kept) by the rank it is dealt to."""
         shares = deal_to_ranks([len(s) for s in sequences], len(self.workers))
         per_position = not isinstance(temperature, (int, float))
-        results = gather([worker.reference_logprobs.remote(
-            [sequences[i] for i in share], [select[i] for i in share],
+        results = call_ranks(self.workers, "reference_logprobs", per_rank=[(
+            [sequences[i] for i in share], share, [select[i] for i in share],
             [temperature[i] for i in share] if per_position else temperature,
-        ) for worker, share in zip(self.workers, shares)])
+        ) for share in shares])
+        self.trunk_shares = shares
         merged: list[list[float]] = [[] for _ in sequences]
         for share, result in zip(shares, results):
             for index, logp in zip(share, result.logps):
                 merged[index] = logp
-        return ReferenceLogprobs(merged, compute_seconds=max(result.compute_seconds for result in results))
+        return ReferenceLogprobs(merged, compute_seconds=max(result.compute_seconds for result in results),
+                                 trunk_rows=list(range(len(sequences))))
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         # Every rank must join a ZeRO-3 forward; rank 0's answer is kept.
-        return gather([w.sequence_logprobs.remote(sequences, temperature) for w in self.workers])[0]
+        return call_ranks(self.workers, "sequence_logprobs", sequences, temperature)[0]
 
     def save_hf(self, path: str) -> None:
-        gather([w.save_hf.remote(path) for w in self.workers])
+        call_ranks(self.workers, "save_hf", path)
 
     def save_checkpoint(self, folder: str, tag: str) -> None:
-        gather([w.save_checkpoint.remote(folder, tag) for w in self.workers])
+        call_ranks(self.workers, "save_checkpoint", folder, tag)
 
     def load_checkpoint(self, folder: str, tag: str) -> None:
-        gather([w.load_checkpoint.remote(folder, tag) for w in self.workers])
+        self.trunk_shares = None  # the ranks forget what they kept: nothing to hand over
+        call_ranks(self.workers, "load_checkpoint", folder, tag)
 
     def shutdown(self) -> None:
         """Kill every rank (survivors of a lost one may be blocked in a collective) and free the placement."""

@@ -45,6 +45,9 @@ class Grades:
 class ReferenceLogprobs:
     logps: list[list[float]]  # per sequence, per log-prob position (0 where not selected)
     compute_seconds: float  # the slowest reference's (or learner rank's, with learner.share_trunk)
+    # learner.share_trunk: each sequence's row in the learner ranks' reference pass, whose trunk they kept for
+    # the step (LearnerGroup.train_step's trunk_rows); None when a reference actor of its own scored them
+    trunk_rows: Optional[list[int]] = None
 
 
 @dataclass

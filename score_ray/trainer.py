@@ -210,11 +210,12 @@ class Trainer:
         alarm = self.check_grades(iteration, grades)
         chosen = self.supervised_choice(rollout.episodes, grades)  # the baselines' episodes to imitate; None for RL
         with self.phase(timer, "reference"):
-            reference, chosen_refs = self.reference(rollout.episodes, chosen or [])
+            reference, chosen_reference = self.reference(rollout.episodes, chosen or [])
+        trained = reference if chosen is None else chosen_reference  # whose sequences the learner trains on
         with self.phase(timer, "credit"):
-            credit, samples = self.credit(stage, rollout.episodes, reference, grades, chosen, chosen_refs)
+            credit, samples = self.credit(stage, rollout.episodes, reference, grades, chosen, chosen_reference)
         with self.phase(timer, "learner"):
-            step, off_policy = self.learn(samples, rollout)
+            step, off_policy = self.learn(samples, rollout, trained.trunk_rows)
         halt = self.account(iteration, step)
         if not self.overlap:
             self.bar.set_postfix_str(f"stage {self.stage_name} | sync")
@@ -280,25 +281,26 @@ class Trainer:
             print(f"score_ray: ALARM iteration {iteration}: {alarm}", file=sys.stderr, flush=True)
         return alarm
 
-    def reference(self, sampled: list[Episode], chosen: list[Episode]) -> tuple[ReferenceLogprobs, list[list[float]]]:
-        """The reference's log-probs of the sampled episodes (with the pass's compute seconds), and of the
-        baselines' chosen ones, in one pass. The KL needs them at the trained positions only."""
+    def reference(self, sampled: list[Episode], chosen: list[Episode]) -> tuple[ReferenceLogprobs, ReferenceLogprobs]:
+        """The reference's log-probs of the sampled episodes (with the pass's compute seconds) and of the
+        baselines' chosen ones, from one pass. The KL needs them at the trained positions only."""
         episodes = sampled + chosen
         result = self.actors.reference_logprobs([e.sequence for e in episodes],
                                                 [trained_positions(e) for e in episodes],
                                                 [position_temperatures(e) for e in episodes])
-        count = len(sampled)
-        return ReferenceLogprobs(result.logps[:count], result.compute_seconds), result.logps[count:]
+        count, rows = len(sampled), result.trunk_rows
+        return (ReferenceLogprobs(result.logps[:count], result.compute_seconds, rows[:count] if rows else None),
+                ReferenceLogprobs(result.logps[count:], 0.0, rows[count:] if rows else None))
 
     def credit(self, stage: int, episodes: list[Episode], reference: ReferenceLogprobs, grades: Grades,
-               chosen: Optional[list[Episode]], chosen_refs: list[list[float]]) -> tuple[Optional[Credit], list]:
+               chosen: Optional[list[Episode]], chosen_reference: ReferenceLogprobs) -> tuple[Optional[Credit], list]:
         """(the sampled episodes' credit, learner samples). RL: the stage's shaped per-turn rewards, advantages
         and KL coefficients (score_ray.algo); the supervised baselines: no credit of the sampled episodes (no
         shaping), advantage 1 on the chosen ones and no KL."""
         settings = self.config.algo
         if chosen is not None:
             # one sharpness for every imitated token, whichever turn's temperature sampled it
-            samples = build_samples(chosen, chosen_refs, supervised_credit(len(chosen)),
+            samples = build_samples(chosen, chosen_reference.logps, supervised_credit(len(chosen)),
                                     SUPERVISED_TURNS[settings.objective], temperature=self.config.rollout.temperature)
             return None, samples
         ref_logps = reference.logps
@@ -313,8 +315,9 @@ class Trainer:
         )
         return credit, build_samples(episodes, ref_logps, credit, tuple(settings.train_turns))
 
-    def learn(self, samples, rollout: Rollout) -> tuple[StepStats, bool]:
-        """The optimiser step(s) on this batch; (the learner's stats, whether older weights sampled it)."""
+    def learn(self, samples, rollout: Rollout, trunk_rows: Optional[list[int]]) -> tuple[StepStats, bool]:
+        """The optimiser step(s) on this batch; (the learner's stats, whether older weights sampled it).
+        ``trunk_rows``: each sample's row in the reference pass (learner.share_trunk; see LearnerGroup)."""
         settings = self.config.algo
         off_policy = self.actors.sampled_by_older_weights(rollout)
         if not any(any(s.loss_mask) for s in samples):  # a baseline found nothing to imitate: no step
@@ -322,7 +325,7 @@ class Trainer:
             return StepStats(), off_policy
         step: Optional[StepStats] = None
         for _ in range(algo.learner_passes(settings.policy_loss, settings.ppo_epochs)):
-            latest = self.actors.learner.train_step(samples, off_policy=off_policy)
+            latest = self.actors.learner.train_step(samples, off_policy=off_policy, trunk_rows=trunk_rows)
             step = latest if step is None else latest.after(step)
         self.actors.learner_stepped()
         return step, off_policy

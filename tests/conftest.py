@@ -22,6 +22,22 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
+def make_episode(x1=(1,), y1=(2,), instruction=(3,), y2=(4,), problem=None, y1_logp=None, y2_logp=None,
+                 **fields):
+    """An ``Episode`` built by hand, as a generator lays one out: x2 = x1 + y1 + ``instruction`` (the close of
+    the turn and the self-correction prompt); the sampler's log-probs 0.0 per token unless given; any other
+    field by name."""
+    from score_ray.data import Problem
+    from score_ray.episode import Episode
+
+    problem = problem if problem is not None else Problem(id="p0", kind="math", prompt="1 + 1", answer="2")
+    fields.setdefault("y1_truncated", False)
+    return Episode(problem=problem, sample=fields.pop("sample", 0), x1=list(x1), y1=list(y1),
+                   y1_logp=list(y1_logp) if y1_logp is not None else [0.0] * len(y1),
+                   x2=list(x1) + list(y1) + list(instruction), y2=list(y2),
+                   y2_logp=list(y2_logp) if y2_logp is not None else [0.0] * len(y2), **fields)
+
+
 def child_env(extra: dict | None = None) -> dict:
     """The environment for a program a test starts, as a user's shell would give it: without the W&B
     service address that wandb exports into this process once a test here has used it (a child would

@@ -96,10 +96,10 @@ def test_cli_prints_offline_and_save_fails_clearly_offline(tmp_path, monkeypatch
 
 def eval_episode(prompt: str, y1_text: str, y2_text: str, r1: float, r2: float):
     from score_ray.data import Problem
-    from score_ray.episode import Episode
+    from conftest import make_episode
 
-    return Episode(problem=Problem(id=prompt, kind="math", prompt=prompt, answer="0"), sample=0, x1=[], y1=[], y1_logp=[],
-                   y1_truncated=False, x2=[], y1_text=y1_text, y2_text=y2_text, r1=r1, r2=r2)
+    return make_episode(problem=Problem(id=prompt, kind="math", prompt=prompt, answer="0"), x1=[], y1=[], instruction=[],
+                        y2=[], y1_text=y1_text, y2_text=y2_text, r1=r1, r2=r2)
 
 
 def test_metrics_logger_offline_round_trip(tmp_path, monkeypatch):

@@ -26,11 +26,11 @@ LOOP = "The final answer is 13.\nThe final answer is 13.\nThe final answer is 1"
 
 def _episode(y1_text, y1_truncated, y2_text, y2_truncated, answer):
     from score_ray.data import Problem
-    from score_ray.episode import Episode
+    from conftest import make_episode
 
     problem = Problem(id="p", kind="math", prompt="12 + 1", answer=answer)
-    return Episode(problem=problem, sample=0, x1=[1], y1=[2], y1_logp=[0.0], y1_truncated=y1_truncated, x2=[1, 2, 3],
-                   y2=[4], y2_logp=[0.0], y2_truncated=y2_truncated, y1_text=y1_text, y2_text=y2_text)
+    return make_episode(problem=problem, y1_truncated=y1_truncated, y2_truncated=y2_truncated, y1_text=y1_text,
+                        y2_text=y2_text)
 
 
 @pytest.mark.parametrize("credit_truncated, expected", [(False, ([0.0, 1.0], [0.0, 0.0])), (True, ([0.0, 1.0], [1.0, 0.0]))])

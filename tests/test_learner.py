@@ -1,7 +1,7 @@
 """score_ray.learner without a process group: dealing samples to ranks in token-bounded micro-batches,
 and collating them so every per-position field lines up with the log-probs."""
 
-from score_ray.learner import collate, split_micro_batches
+from score_ray.learner import collate, deal_by_trunk, deal_to_ranks, micro_batch_indices, split_micro_batches
 from score_ray.samples import POSITION_FIELDS, LearnerSample
 
 
@@ -23,6 +23,20 @@ def test_ranks_get_the_same_number_of_token_bounded_micro_batches_and_every_samp
             assert len(batch) <= 1 or max(len(s.input_ids) for s in batch) * len(batch) <= 60
     loads = [sum(len(s.input_ids) for batch in batches for s in batch) for batches in per_rank]
     assert abs(loads[0] - loads[1]) <= 10  # longest first to the least-loaded rank
+
+
+def test_samples_go_to_the_rank_that_kept_their_trunk_in_its_order():
+    lengths = [40, 10, 30, 20, 25]
+    kept = deal_to_ranks(lengths, 2)  # the reference pass: row i is sequence i
+    # an RL step trains the pass's rows in order: the same deal, so the same micro-batches as dealing anew
+    assert deal_by_trunk(kept, range(5)) == kept
+    assert micro_batch_indices(lengths, 2, 60, deal_by_trunk(kept, range(5))) == micro_batch_indices(lengths, 2, 60)
+    # a baseline trains rows 3 and 1 (its chosen episodes): each to the rank that kept it
+    chosen = deal_by_trunk(kept, [3, 1])
+    assert sorted(i for share in chosen for i in share) == [0, 1]
+    assert all((0 in share) == (3 in rows) and (1 in share) == (1 in rows) for share, rows in zip(chosen, kept))
+    # nothing kept (a reload), or a row the pass never had: no hand-off, the whole model runs
+    assert deal_by_trunk(None, range(5)) is None and deal_by_trunk(kept, [0, 9]) is None
 
 
 def test_collate_pads_right_and_aligns_each_field_to_the_position_that_scores_the_next_token():

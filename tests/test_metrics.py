@@ -4,22 +4,18 @@ import math
 
 import pytest
 
-from score_ray.data import Problem
-from score_ray.episode import Episode
-from score_ray.metrics import METRICS, PHASES, PhaseTimer, iteration_metrics, orchestration, turn_metrics
+from conftest import make_episode
 from score_ray import records
+from score_ray.metrics import METRICS, PHASES, PhaseTimer, iteration_metrics, orchestration, turn_metrics
 from score_ray.reward.types import GradeResult
-
-PROBLEM = Problem(id="p0", kind="math", prompt="1 + 1", answer="2")
 
 
 def episode(y1_logp, y2_logp, truncated=(False, False)):
     x1 = [1, 2]
     y1 = list(range(10, 10 + len(y1_logp)))
-    x2 = x1 + y1 + [7]
     y2 = list(range(20, 20 + len(y2_logp)))
-    return Episode(problem=PROBLEM, sample=0, x1=x1, y1=y1, y1_logp=list(y1_logp), y1_truncated=truncated[0],
-                   x2=x2, y2=y2, y2_logp=list(y2_logp), y2_truncated=truncated[1])
+    return make_episode(x1=x1, y1=y1, instruction=[7], y2=y2, y1_logp=y1_logp, y2_logp=y2_logp,
+                        y1_truncated=truncated[0], y2_truncated=truncated[1])
 
 
 def test_per_turn_metrics_by_hand():

@@ -2,15 +2,15 @@
 
 import pytest
 
+from conftest import make_episode
 from score_ray.data import Problem
-from score_ray.episode import Episode
 from score_ray.probe import sampled_stats
 
 
-def episode(y1_text: str, y2_text: str, truncated1: bool = False) -> Episode:
+def episode(y1_text: str, y2_text: str, truncated1: bool = False):
     problem = Problem(id="p", kind="math", prompt="1 + 1", answer="2")
-    return Episode(problem=problem, sample=0, x1=[1], y1=[2, 3], y1_logp=[0.0, 0.0], y1_truncated=truncated1, x2=[1, 2, 3],
-                   y2=[4], y2_logp=[0.0], y1_text=y1_text, y2_text=y2_text)
+    return make_episode(problem=problem, x1=[1], y1=[2, 3], instruction=[], y2=[4], y1_truncated=truncated1,
+                        y1_text=y1_text, y2_text=y2_text)
 
 
 def test_sampled_rates_by_hand():

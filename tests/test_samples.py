@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import make_episode
 from score_ray.data import Problem
 from score_ray.episode import Episode
 from score_ray.records import Credit
@@ -14,9 +15,6 @@ from score_ray.samples import (
     turn_kl_sums,
 )
 
-PROBLEM = Problem(id="p0", kind="math", prompt="1 + 1", answer="2")
-
-
 def credit(adv1, adv2, kl_coef1, kl_coef2) -> Credit:
     """Credit for the samples' fields (the rewards are not read by ``build_samples``)."""
     return Credit(reward1=[0.0] * len(adv1), reward2=[0.0] * len(adv1), adv1=adv1, adv2=adv2, kl_coef1=kl_coef1,
@@ -25,8 +23,7 @@ def credit(adv1, adv2, kl_coef1, kl_coef2) -> Credit:
 
 def test_samples_train_exactly_the_sampled_tokens_of_each_turn():
     # x1 = [1, 2, 3], y1 = [4, 5], x2 = x1 + y1 + [6, 7], y2 = [8]
-    episode = Episode(problem=PROBLEM, sample=0, x1=[1, 2, 3], y1=[4, 5], y1_logp=[-0.4, -0.5], y1_truncated=False,
-                      x2=[1, 2, 3, 4, 5, 6, 7], y2=[8], y2_logp=[-0.8])
+    episode = make_episode(x1=[1, 2, 3], y1=[4, 5], instruction=[6, 7], y2=[8], y1_logp=[-0.4, -0.5], y2_logp=[-0.8])
     ref = [-1.0 * i for i in range(1, 8)]  # 8 tokens -> 7 positions
     scored = credit([2.0], [-3.0], [0.1], [0.01])
     (sample,) = build_samples([episode], [ref], scored)
@@ -49,14 +46,14 @@ def test_samples_train_exactly_the_sampled_tokens_of_each_turn():
 def test_each_turn_is_scored_at_the_temperature_it_was_sampled_at():
     from score_ray.samples import SUPERVISED_TURNS, supervised_credit
 
-    episode = Episode(problem=PROBLEM, sample=0, x1=[1, 2, 3], y1=[4, 5], y1_logp=[-0.4, -0.5], y1_truncated=False,
-                      x2=[1, 2, 3, 4, 5, 6, 7], y2=[8], y2_logp=[-0.8], y1_temperature=1.2, y2_temperature=0.7)
+    episode = make_episode(x1=[1, 2, 3], y1=[4, 5], instruction=[6, 7], y2=[8], y1_logp=[-0.4, -0.5], y2_logp=[-0.8],
+                           y1_temperature=1.2, y2_temperature=0.7)
     assert position_temperatures(episode) == [1.0, 1.0, 1.2, 1.2, 1.0, 1.0, 0.7]  # prompts: 1, never scored
     (sample,) = build_samples([episode], [[0.0] * 7], credit([1.0], [1.0], [0.0], [0.0]))
     assert sample.temperature == position_temperatures(episode)
     # Pair-SFT's second turn is a first attempt: it keeps the temperature it was sampled at.
-    wrong = Episode(problem=PROBLEM, sample=1, x1=[1, 2, 3], y1=[9], y1_logp=[-2.0], y1_truncated=False,
-                    x2=[1, 2, 3, 9, 6, 7], y2=[9], y2_logp=[-1.0], y1_temperature=1.2, y2_temperature=0.7)
+    wrong = make_episode(sample=1, x1=[1, 2, 3], y1=[9], instruction=[6, 7], y2=[9], y1_logp=[-2.0], y2_logp=[-1.0],
+                         y1_temperature=1.2, y2_temperature=0.7)
     (paired,) = pair_sft_episodes([episode, wrong], r1=[1.0, 0.0], r2=[1.0, 0.0])
     assert paired.y2 == [4, 5] and paired.y2_temperature == 1.2
     # ... but a supervised target is imitated at one temperature, whichever turn sampled it
@@ -64,15 +61,13 @@ def test_each_turn_is_scored_at_the_temperature_it_was_sampled_at():
                                 temperature=0.7)
     assert imitated.temperature == [0.7] * 7
     with pytest.raises(ValueError, match="p0: turn 2 was decoded greedily"):
-        position_temperatures(Episode(problem=PROBLEM, sample=0, x1=[1], y1=[2], y1_logp=[-1.0], y1_truncated=False,
-                                      x2=[1, 2, 3], y2=[4], y2_logp=[-1.0], y2_temperature=0.0))
+        position_temperatures(make_episode(y1_logp=[-1.0], y2_logp=[-1.0], y2_temperature=0.0))
 
 
 def test_second_attempts_at_one_first_attempt_train_its_turn_one_once():
     from dataclasses import replace
 
-    first = Episode(problem=PROBLEM, sample=0, x1=[1, 2, 3], y1=[4, 5], y1_logp=[-0.4, -0.5], y1_truncated=False,
-                    x2=[1, 2, 3, 4, 5, 6, 7], y2=[8], y2_logp=[-0.8])
+    first = make_episode(x1=[1, 2, 3], y1=[4, 5], instruction=[6, 7], y2=[8], y1_logp=[-0.4, -0.5], y2_logp=[-0.8])
     second = replace(first, y2=[9, 10], y2_logp=[-0.9, -1.0], branch=1)
     refs = [[-1.0] * 7, [-1.0] * 8]
     scored = credit([2.0, 0.0], [-3.0, 3.0], [0.1, 0.1], [0.01, 0.01])
@@ -88,8 +83,7 @@ def test_second_attempts_at_one_first_attempt_train_its_turn_one_once():
 
 
 def test_a_sampler_log_prob_list_that_does_not_match_its_tokens_is_refused_naming_the_problem():
-    episode = Episode(problem=PROBLEM, sample=0, x1=[1, 2], y1=[3, 4], y1_logp=[-0.1], y1_truncated=False,
-                      x2=[1, 2, 3, 4, 5], y2=[6], y2_logp=[-0.2])
+    episode = make_episode(x1=[1, 2], y1=[3, 4], instruction=[5], y2=[6], y1_logp=[-0.1], y2_logp=[-0.2])
     scored = credit([1.0], [1.0], [0.0], [0.0])
     with pytest.raises(ValueError, match="p0: turn 1 has 2 tokens but 1 sampler log-probs"):
         build_samples([episode], [[0.0] * 5], scored)
@@ -100,8 +94,8 @@ def test_a_sampler_log_prob_list_that_does_not_match_its_tokens_is_refused_namin
 def two_turn(problem_id: str, y1: list[int], y2: list[int]) -> Episode:
     problem = Problem(id=problem_id, kind="math", prompt="1 + 1", answer="2")
     x1 = [1, 2]
-    return Episode(problem=problem, sample=0, x1=x1, y1=y1, y1_logp=[-0.1] * len(y1), y1_truncated=False,
-                   x2=x1 + y1 + [9], y2=y2, y2_logp=[-0.2] * len(y2), y1_text=str(y1), y2_text=str(y2))
+    return make_episode(problem=problem, x1=x1, y1=y1, instruction=[9], y2=y2, y1_logp=[-0.1] * len(y1),
+                        y2_logp=[-0.2] * len(y2), y1_text=str(y1), y2_text=str(y2))
 
 
 def test_star_keeps_the_episodes_whose_second_attempt_is_right_and_trains_both_turns():

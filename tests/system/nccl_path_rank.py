@@ -1,6 +1,6 @@
 """One learner rank of a two-rank ZeRO-3 group driving vLLM's own NCCL trainer engine on CPU.
 
-Run by tests/system/test_weight_sync_gpu.py as two processes (RANK 0 and 1, gloo). Everything is the real code:
+Run by tests/system/test_zero3_weight_source.py as two processes (RANK 0 and 1, gloo). Everything is the real code:
 DeepSpeed ZeRO-3, our ``Zero3WeightSource`` and ``NcclWeightSync``, vLLM 0.32's
 ``WeightTransferTrainerFactory`` / ``NCCLTrainerWeightTransferEngine`` (handshake, metadata, checks,
 packing) and, for the engine side, vLLM's ``packed_nccl_broadcast_consumer``. Only the CUDA transport is

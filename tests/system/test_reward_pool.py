@@ -6,9 +6,10 @@ import time
 import pytest
 
 from conftest import run_module
-
 from score_ray.config import RewardConfig
 from score_ray.reward.types import GradeRequest
+
+pytestmark = pytest.mark.slow
 
 GOOD = "```python\ndef add(a, b):\n    return a + b\n```"
 BAD = "```python\ndef add(a, b):\n    return a - b\n```"
@@ -39,7 +40,6 @@ def expected(record):
     return 1.0 if record["response"] == f"\\boxed{{{record['answer']}}}" else 0.0
 
 
-@pytest.mark.slow
 def test_pool_grades_in_input_order_with_every_reward_right(ray_local):
     from score_ray.reward.pool import RewardPool
 
@@ -63,7 +63,6 @@ def slow_records(n):
             for i in range(n)]
 
 
-@pytest.mark.slow
 def test_a_killed_reward_actor_is_restarted_and_its_chunk_retried(ray_local):
     import threading
 
@@ -85,7 +84,6 @@ def test_a_killed_reward_actor_is_restarted_and_its_chunk_retried(ray_local):
     assert [r.status for r in results] == ["correct", "wrong"] * 4
 
 
-@pytest.mark.slow
 def test_a_reward_actor_past_its_restarts_leaves_the_pool_and_its_chunk_goes_to_another(ray_local):
     import threading
 
@@ -105,7 +103,6 @@ def test_a_reward_actor_past_its_restarts_leaves_the_pool_and_its_chunk_goes_to_
     pool.shutdown()
 
 
-@pytest.mark.slow
 def test_grader_timeouts_and_errors_score_zero_and_raise_the_alarm(ray_local):
     from score_ray.reward.pool import RewardPool
     from score_ray.config import SandboxConfig
@@ -125,7 +122,6 @@ def test_grader_timeouts_and_errors_score_zero_and_raise_the_alarm(ray_local):
     assert grading_alarm(results, threshold=0.5) is None
 
 
-@pytest.mark.slow
 def test_grade_cli_writes_results_and_a_summary(tmp_path):
     records = mixed_records(9) + [{"id": "t", "kind": "code", "response": "```python\nwhile True: pass\n```", "tests": TESTS}]
     source = tmp_path / "in.jsonl"

@@ -13,7 +13,8 @@ def group_and_reference(ray_local):
     import ray
 
     from score_ray.assets import model_folder
-    from score_ray.learner import LearnerGroup, ReferenceActor
+    from score_ray.learner import LearnerGroup
+    from score_ray.reference import ReferenceActor
 
     config = load_config("smoke", ["learner.trainable=top_layers", "learner.trainable_top_layers=1",
                                    "learner.lr=1e-3", "rollout.temperature=0.7"])
@@ -63,7 +64,7 @@ def test_the_ranks_reference_log_probs_are_the_reference_actors_before_and_after
         assert seconds > 0
         for got, want in zip(shared, expected):
             assert np.allclose(got, want, atol=1e-5)
-        stats = group.train_step(samples_for(sequences, selects, shared))
+        stats = group.train_step(samples_for(sequences, selects, shared), trunk_rows=reference.trunk_rows)
         assert stats.applied and stats.trunk_batches == stats.filled_batches > 0
     # The policy moved away from the reference, so the comparison above could fail.
     policy = group.sequence_logprobs(sequences, temperatures)
@@ -75,11 +76,13 @@ def test_a_step_on_the_kept_trunk_is_the_step_of_the_whole_model(group_and_refer
     config, group, reference = group_and_reference
     sequences, selects = sequences_and_selects(seed=1)
     group.save_checkpoint(str(tmp_path), "start")
-    refs = group.reference_logprobs(sequences, selects, turn_temperatures(sequences)).logps
-    on_trunk = group.train_step(samples_for(sequences, selects, refs))
+    reference = group.reference_logprobs(sequences, selects, turn_temperatures(sequences))
+    refs = reference.logps
+    on_trunk = group.train_step(samples_for(sequences, selects, refs), trunk_rows=reference.trunk_rows)
     assert on_trunk.trunk_batches == on_trunk.filled_batches > 0  # every micro-batch found its trunk
     group.load_checkpoint(str(tmp_path), "start")
-    whole = group.train_step(samples_for(sequences, selects, refs))  # nothing kept: the whole forward
+    # the reload dropped what the ranks kept: the same hand-off now runs the whole forward
+    whole = group.train_step(samples_for(sequences, selects, refs), trunk_rows=reference.trunk_rows)
     assert whole.trunk_batches == 0
     assert on_trunk.grad_norm == pytest.approx(whole.grad_norm, rel=1e-5)
     assert on_trunk.loss == pytest.approx(whole.loss, rel=1e-6)

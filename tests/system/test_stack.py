@@ -13,7 +13,8 @@ def stack(request, ray_local):
     import ray
 
     from score_ray.assets import model_folder
-    from score_ray.learner import LearnerGroup, ReferenceActor
+    from score_ray.learner import LearnerGroup
+    from score_ray.reference import ReferenceActor
     from score_ray.rollout import GeneratorActor
 
     # trainable=all: the tied embedding changes too, the trap where vLLM keeps a stale packed LM head.

