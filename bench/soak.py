@@ -6,7 +6,8 @@ its role (ray::GeneratorActor, ray::LearnerWorker, ray::RewardActor, ray::Refere
 daemons. Each sample is tagged with the iterations finished so far (metrics.jsonl). A leak shows as a slope:
 the script fits one per role over the second half of the run (after warm-up) and prints it per 100 iterations.
 
-    python bench/soak.py                                   # smoke model, 200 iterations: ~15 minutes here
+    python bench/soak.py                                   # smoke model, 200 iterations: ~4 minutes here
+    python bench/soak.py --iterations 1000                 # ~17 minutes
     python bench/soak.py --iterations 400 --config smoke learner.zero_stage=3
 
 Writes bench/results/soak.json (every sample and the slopes) and docs/images/soak.png (RSS and open files
@@ -126,7 +127,7 @@ def main() -> int:
         samples, start = [], time.monotonic()
         while launch.poll() is None:
             iteration = finished_iterations(Path(out))
-            if iteration >= 1:  # the actors are up
+            if 1 <= iteration < args.iterations:  # the actors are up, and not yet the final eval and shutdown
                 samples.append({"seconds": time.monotonic() - start, "iteration": iteration, "roles": sample(driver)})
                 if len(samples) % 20 == 0:
                     roles = samples[-1]["roles"]

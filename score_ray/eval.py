@@ -61,6 +61,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from score_ray.assets import model_folder
     from score_ray.data import load_problems
     from score_ray.evaluate import format_table, two_turn_eval, write_eval_records
+    from score_ray.metrics import eval_summary
     try:
         path = model_folder(config.model)
         problems, report = load_problems(config.data.train if args.on_train else config.data.eval)
@@ -81,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.records:
         write_eval_records(args.records, episodes)
     if args.output:
-        args.output.write_text(json.dumps({f"eval/{k}": v for k, v in metrics.items()}, indent=2))
+        args.output.write_text(json.dumps(eval_summary(metrics), indent=2))
     return 0
 
 

@@ -18,6 +18,7 @@ from score_ray.outcomes import METRIC_KEYS, broken, corrected
 from score_ray.records import IterationResult, SyncStats
 
 ITERATION = "iteration"
+EVAL_SAMPLES = "eval/samples"  # a W&B table of eval episodes (score_ray.tracking)
 PHASES = ("rollout", "grading", "reference", "credit", "learner", "sync", "eval")
 
 
@@ -73,7 +74,7 @@ PERF = {
 EVAL = {
     **{f"eval/{key}": f"held-out {key} (greedy, two turns)" for key in METRIC_KEYS},
     **{f"eval/{key}_se": f"standard error of eval/{key}" for key in METRIC_KEYS},
-    "eval/samples": "table of eval episodes: problem, y1, y2, r1, r2, corrected",
+    EVAL_SAMPLES: "table of eval episodes: problem, y1, y2, r1, r2, corrected",
 }
 
 METRICS: dict[str, str] = {ITERATION: "iterations completed (the x axis of every chart)", **TRAIN, **PERF, **EVAL}
@@ -197,4 +198,9 @@ def orchestration(metrics: dict[str, float]) -> dict[str, float]:
 
 def eval_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """``evaluate.self_correction_metrics`` under their logged names (eval/<key>)."""
-    return {f"eval/{key}": value for key, value in metrics.items() if key != "n"}
+    return {key: value for key, value in eval_summary(metrics).items() if key != "eval/n"}
+
+
+def eval_summary(metrics: dict[str, float]) -> dict[str, float]:
+    """What summary.json and score_ray.eval's JSON hold: the logged names, and the problem count (eval/n)."""
+    return {f"eval/{key}": value for key, value in metrics.items()}

@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from score_ray.metrics import EVAL_SAMPLES, ITERATION
+
 
 class MetricsLogger:
     """One JSON object per logged iteration in ``metrics.jsonl``; the same values to W&B."""
@@ -71,7 +73,7 @@ class MetricsLogger:
                 iteration, episode.problem.prompt, episode.y1_text, episode.y2_text,
                 episode.r1, episode.r2, corrected(episode.r1, episode.r2),
             )
-        self.run.log({"iteration": iteration, "eval/samples": table})
+        self.run.log({ITERATION: iteration, EVAL_SAMPLES: table})
 
     def finish(self, summary: Optional[dict[str, Any]] = None, exit_code: int = 0) -> None:
         if self.run is not None:

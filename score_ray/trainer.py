@@ -41,7 +41,7 @@ from score_ray.faults import (
     account_step,
     grading_alarm,
 )
-from score_ray.metrics import ITERATION, PhaseTimer, eval_metrics, iteration_metrics
+from score_ray.metrics import ITERATION, PhaseTimer, eval_metrics, eval_summary, iteration_metrics
 from score_ray.placement import check_resources, ray_init
 from score_ray.records import (
     Credit,
@@ -173,8 +173,8 @@ class Trainer:
         rows = {"base": base_eval, "trained": final_metrics} if base_eval else {"trained": final_metrics}
         summary = {
             "iterations": self.state.iteration,
-            "final_eval": {f"eval/{k}": v for k, v in final_metrics.items()},
-            "base_eval": {f"eval/{k}": v for k, v in (base_eval or {}).items()},
+            "final_eval": eval_summary(final_metrics),
+            "base_eval": eval_summary(base_eval or {}),
             "final_model": str(final_dir),
             "eval_problems": len(self.eval_problems),
             "skipped_steps": self.state.skipped_steps,
