@@ -109,7 +109,8 @@ class ActorGroup:
         if learner.shares_trunk:
             return None
         return ReferenceActor.options(num_cpus=learner.cpus_per_rank, num_gpus=reference_gpus(self.config),
-                                      resources=dict(learner.resources)).remote(self.config.model, learner.cpus_per_rank)
+                                      resources=dict(learner.resources)).remote(self.config.model, learner.cpus_per_rank,
+                                                                                learner.logprob_chunk_tokens)
 
     def _start_learner(self):
         from score_ray.learner import LearnerGroup

@@ -375,6 +375,10 @@ class LearnerConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     micro_batch_tokens: int = Field(4096, ge=16)
+    logprob_chunk_tokens: int = Field(
+        2048, ge=1, description="selected tokens whose logits over the whole vocabulary exist at once, in the learner "
+        "and the reference: bounds that memory (about 4 x this x vocabulary x 4 bytes) whatever micro_batch_tokens is"
+    )
     gradient_checkpointing: bool = False
     trainable: Literal["all", "top_layers"] = "all"
     trainable_top_layers: int = Field(2, ge=1)

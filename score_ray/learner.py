@@ -44,6 +44,23 @@ def trainable_names(model, mode: str, top_layers: int) -> set[str]:
     return {name for name in names if any(tag in name for tag in keep) or name.endswith("model.norm.weight")}
 
 
+def deepspeed_config(learner: LearnerConfig, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed engine's config. Gradients accumulate over a step's micro-batches in fp32 whatever the
+    weights' dtype: DeepSpeed's default is the weights' dtype, and a bf16 sum of many micro-batches loses the
+    small ones (its ZeRO-1/2/3 optimisers keep a separate fp32 buffer when the two differ)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # set per step: the micro-batch count varies (train_step)
+        "gradient_clipping": learner.grad_clip,
+        "zero_optimization": {"stage": learner.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 def collate(samples: Sequence[LearnerSample], pad_id: int):
     """Right-padded tensors: ids, attention mask and per-token training fields aligned to logp[t-1]. No
     samples give one row of two pad tokens, nothing trained: an empty micro-batch still joins the forward
@@ -122,16 +139,7 @@ class LearnerWorker:
         self.trainable = [name for name, param in model.named_parameters() if param.requires_grad]
         if learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": learner.grad_clip,
-            "zero_optimization": {"stage": learner.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": self.on_gpu and dtype == "bfloat16"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        config = deepspeed_config(learner, bf16=self.on_gpu and dtype == "bfloat16")
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=learner.lr, weight_decay=learner.weight_decay
         )
@@ -230,9 +238,11 @@ class LearnerWorker:
 
         trunk = self.shared_trunk
         if trunk is not None and trunk.holds(rows):
-            return (*trunk.policy_logprobs(self.engine, rows, ids, attention, select, temperature), True)
+            return (*trunk.policy_logprobs(self.engine, rows, ids, attention, select, temperature,
+                                           self.learner.logprob_chunk_tokens), True)
         return (*selected_token_logprobs(self.engine, ids, attention, select, with_entropy=True,
-                                         temperature=temperature), False)
+                                         temperature=temperature, chunk_tokens=self.learner.logprob_chunk_tokens),
+                False)
 
     # ------------------------------------------------------------------ log-probs and weights
     def reference_logprobs(self, sequences: list[list[int]], rows: list[int], select: list[list[float]],
@@ -242,7 +252,8 @@ class LearnerWorker:
         start = time.monotonic()
         self.engine.eval()
         logps = self.shared_trunk.reference_logprobs(self.engine.module, sequences, rows, select, temperature,
-                                                     self.pad_id, self.learner.micro_batch_tokens)
+                                                     self.pad_id, self.learner.micro_batch_tokens,
+                                                     self.learner.logprob_chunk_tokens)
         return ReferenceLogprobs(logps, compute_seconds=time.monotonic() - start)
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:

@@ -67,7 +67,8 @@ def batch_token_logprobs(
 
 
 def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
-                            with_entropy: bool = False, temperature: Temperature = 1.0):
+                            with_entropy: bool = False, temperature: Temperature = 1.0,
+                            chunk_tokens: Optional[int] = None):
     """Log-probs (and entropies) only at positions where ``select`` [B, T-1] is set, flattened in row order.
 
     The LM head over a 49k-token vocabulary costs more than the transformer body for small models;
@@ -77,7 +78,7 @@ def selected_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
     (ZeRO-3 counts micro-steps there to accumulate gradients) a direct call of the module would skip.
     """
     hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask)
-    return head_logprobs(model, hidden, input_ids, select, with_entropy, temperature)
+    return head_logprobs(model, hidden, input_ids, select, with_entropy, temperature, chunk_tokens)
 
 
 def final_hidden(model, **inputs) -> torch.Tensor:
@@ -93,18 +94,48 @@ def final_hidden(model, **inputs) -> torch.Tensor:
 
 
 def head_logprobs(model, hidden: torch.Tensor, input_ids: torch.Tensor, select: torch.Tensor,
-                  with_entropy: bool = False, temperature: Temperature = 1.0):
-    """The LM head at the ``select``-ed positions of the final (normed) hidden states [B, T, H]."""
+                  with_entropy: bool = False, temperature: Temperature = 1.0, chunk_tokens: Optional[int] = None):
+    """The LM head at the ``select``-ed positions of the final (normed) hidden states [B, T, H].
+
+    Each selected token's logits span the whole vocabulary (151,936 floats for Qwen2.5), and about four such
+    [tokens, vocab] tensors are alive at once. With ``chunk_tokens`` (learner.logprob_chunk_tokens) at most
+    that many tokens' logits exist at a time: each chunk's are freed once its log-probs are taken and, when a
+    gradient is needed, computed again in the backward pass (activation checkpointing of the head), so peak
+    memory stays flat however many tokens a micro-batch selects. Each token's values are its own row's, so
+    chunks change nothing but memory."""
     chosen = select.bool()
     if torch.is_tensor(temperature):
         temperature = temperature.to(hidden.device)[chosen].unsqueeze(-1)
-    logits = model.get_output_embeddings()(hidden[:, :-1][chosen]).float() / temperature
+    states = hidden[:, :-1][chosen]
     targets = input_ids[:, 1:][chosen]
+    head = model.get_output_embeddings()
+    count = states.shape[0]
+    if chunk_tokens is None or count <= chunk_tokens:
+        return _head_chunk(head, states, targets, temperature, with_entropy)
+    from torch.utils.checkpoint import checkpoint
+
+    taken, entropies = [], []
+    for start in range(0, count, chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        part_temperature = temperature[part] if torch.is_tensor(temperature) else temperature
+        args = (head, states[part], targets[part], part_temperature, with_entropy)
+        if torch.is_grad_enabled() and states.requires_grad:
+            piece, entropy = checkpoint(_head_chunk, *args, use_reentrant=False)
+        else:
+            piece, entropy = _head_chunk(*args)
+        taken.append(piece)
+        entropies.append(entropy)
+    return torch.cat(taken), torch.cat(entropies) if with_entropy else None
+
+
+def _head_chunk(head, states: torch.Tensor, targets: torch.Tensor, temperature: Temperature, with_entropy: bool):
+    """(log-probs of ``targets``, entropies or None) of the head's distributions at ``states`` [N, H]."""
+    logits = head(states).float() / temperature
     normaliser = torch.logsumexp(logits, dim=-1)
     taken = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
     if not with_entropy:
         return taken, None
-    with torch.no_grad():
+    with torch.no_grad():  # a statistic, not part of the objective
         log_probs = logits - normaliser.unsqueeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
     return taken, entropy
@@ -153,12 +184,12 @@ def trunk_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
 
 def top_logprobs(model, trunk: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  select: torch.Tensor, layers: torch.nn.ModuleList, norm: torch.nn.Module,
-                 with_entropy: bool = False, temperature: Temperature = 1.0):
+                 with_entropy: bool = False, temperature: Temperature = 1.0, chunk_tokens: Optional[int] = None):
     """``selected_token_logprobs`` from the trunk's hidden states through ``layers`` and ``norm`` (the model's
     own top blocks, or the reference's copies of them). ``model`` may be a DeepSpeed engine (see above)."""
     with decoder_blocks(model, layers, norm):
         hidden = final_hidden(model, inputs_embeds=trunk, attention_mask=attention_mask)
-    return head_logprobs(model, hidden, input_ids, select, with_entropy, temperature)
+    return head_logprobs(model, hidden, input_ids, select, with_entropy, temperature, chunk_tokens)
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> Iterator[list[int]]:
@@ -184,13 +215,15 @@ def sequence_logprobs(
     select: Optional[Sequence[Sequence[float]]] = None,
     temperature: Union[float, Sequence[Sequence[float]]] = 1.0,
     score_batch: Optional[Callable[..., torch.Tensor]] = None,
+    chunk_tokens: Optional[int] = None,
 ) -> list[list[float]]:
     """Per-sequence lists of next-token log-probs (len n - 1), computed in token-bounded batches.
 
     With ``select`` (per sequence, n - 1 flags) only flagged positions are computed; the others are 0.
     ``temperature`` is one number, or per sequence its n - 1 positions' own (``position_temperatures``).
     ``score_batch(ids, mask, flags, batch, temperature)`` computes them for one padded batch (``batch``: the
-    sequences' indices) in place of the whole model's forward (the learner's shared trunk).
+    sequences' indices) in place of the whole model's forward (the learner's shared trunk). ``chunk_tokens``
+    bounds the selected tokens whose logits exist at once (``head_logprobs``).
     """
     device = next(model.parameters()).device
     result: list[list[float]] = [[] for _ in sequences]
@@ -206,7 +239,8 @@ def sequence_logprobs(
             continue
         flags = pad_positions([select[i] for i in batch], ids.shape[1] - 1, dtype=torch.bool)
         if score_batch is None:
-            chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device), temperature=batch_temperature)
+            chosen, _ = selected_token_logprobs(model, ids, mask, flags.to(device), temperature=batch_temperature,
+                                                chunk_tokens=chunk_tokens)
         else:
             chosen = score_batch(ids, mask, flags.to(device), batch, batch_temperature)
         chosen = chosen.tolist()

@@ -32,7 +32,7 @@ def set_torch_threads(cpus: float) -> None:
 class ReferenceActor:
     """The frozen base model: per-token log-probs of both turns."""
 
-    def __init__(self, model: ModelConfig, cpus: float = 1.0):
+    def __init__(self, model: ModelConfig, cpus: float = 1.0, chunk_tokens: Optional[int] = None):
         from score_ray.assets import model_folder
         from score_ray.modeling import load_causal_lm
 
@@ -44,6 +44,7 @@ class ReferenceActor:
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+        self.chunk_tokens = chunk_tokens  # learner.logprob_chunk_tokens
 
     def ready(self) -> dict[str, Any]:
         from score_ray.placement import this_node
@@ -58,7 +59,8 @@ class ReferenceActor:
         (one, or each position's own)."""
         from score_ray.modeling import sequence_logprobs
 
-        return sequence_logprobs(self.model, sequences, self.pad_id, select=select, temperature=temperature)
+        return sequence_logprobs(self.model, sequences, self.pad_id, select=select, temperature=temperature,
+                                 chunk_tokens=self.chunk_tokens)
 
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
                            temperature: PositionTemperatures = 1.0) -> ReferenceLogprobs:
@@ -93,7 +95,7 @@ class SharedTrunk:
 
     def reference_logprobs(self, module, sequences: Sequence[list[int]], rows: Sequence[int],
                            select: Sequence[list[float]], temperature: PositionTemperatures, pad_id: int,
-                           max_tokens: int) -> list[list[float]]:
+                           max_tokens: int, chunk_tokens: Optional[int] = None) -> list[list[float]]:
         """The base model's log-probs of ``sequences`` (rows ``rows`` of this pass) at the ``select``-ed
         positions, from one pass through ``module``'s frozen trunk and the copies of the top blocks; each
         row's trunk is kept, replacing the last pass's."""
@@ -108,7 +110,7 @@ class SharedTrunk:
             for index_in_batch, index in enumerate(batch):
                 self.kept[rows[index]] = trunk[index_in_batch, : len(sequences[index])].clone()
             return top_logprobs(module, trunk, ids, mask, flags, self.layers, self.norm,
-                                temperature=batch_temperature)[0]
+                                temperature=batch_temperature, chunk_tokens=chunk_tokens)[0]
 
         with torch.no_grad():
             return sequence_logprobs(module, sequences, pad_id, max_tokens=max_tokens, select=select,
@@ -117,7 +119,8 @@ class SharedTrunk:
     def holds(self, rows: Optional[Sequence[int]]) -> bool:
         return bool(rows) and all(row in self.kept for row in rows)
 
-    def policy_logprobs(self, engine, rows: Sequence[int], ids, attention, select, temperature):
+    def policy_logprobs(self, engine, rows: Sequence[int], ids, attention, select, temperature,
+                        chunk_tokens: Optional[int] = None):
         """(the policy's log-probs with gradient, entropies) at ``select`` for the kept ``rows``: the policy's
         own top blocks on their trunks (the blocks below are frozen, so this is the whole model's answer)."""
         import torch
@@ -130,4 +133,4 @@ class SharedTrunk:
             trunk[index, : hidden.shape[0]] = hidden
         decoder = engine.module.get_decoder()
         return top_logprobs(engine, trunk, ids, attention, select, decoder.layers[self.cut:], decoder.norm,
-                            with_entropy=True, temperature=temperature)
+                            with_entropy=True, temperature=temperature, chunk_tokens=chunk_tokens)

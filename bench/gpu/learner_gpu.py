@@ -191,7 +191,7 @@ def check_weight_source(engine, dtype: torch.dtype) -> dict[str, Any]:
         sent_bytes += tensor.numel() * tensor.element_size()
         if name != declared_name or tensor.dtype != declared_dtype or tuple(tensor.shape) != shape:
             mismatches.append(f"{name}: yielded {tensor.dtype} {tuple(tensor.shape)}, declared {declared_dtype} {shape}")
-        elif not torch.equal(tensor, expected[name].to(dtype)):
+        elif not torch.equal(tensor, expected[name].to(device=tensor.device, dtype=dtype)):  # the dict is on the CPU
             mismatches.append(f"{name}: values differ from the consolidated state dict")
     # every parameter once (the consolidated dict also lists a tied lm_head under its own name)
     parameters = [name for name, _ in engine.module.named_parameters()]

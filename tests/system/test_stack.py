@@ -67,11 +67,19 @@ def trainable_weights(group) -> bytes:
 
 
 def test_episodes_are_two_turns_built_from_sampled_ids_scored_at_each_turns_temperature(stack):
+    import importlib
+
     import ray
 
     from score_ray.samples import LearnerSample, position_temperatures, trained_positions
 
     config, generator, reference, group = stack
+    # vLLM's V1 model runner, chosen by the actor's environment (score_ray.rollout.ENGINE_ENVIRONMENT), not
+    # only by this machine's lack of a Triton backend: a GPU runs the same runner
+    runner = ray.get(generator.__ray_call__.remote(lambda actor: (
+        actor.llm.llm_engine.vllm_config.use_v2_model_runner,
+        importlib.import_module("vllm.envs").VLLM_USE_V2_MODEL_RUNNER)))
+    assert runner == (False, False)
     episodes = generate(generator, problems(config, 2), 2)
     assert len(episodes) == 4
     for episode in episodes:
