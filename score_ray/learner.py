@@ -30,7 +30,7 @@ from score_ray.actor_calls import call_ranks, gather
 from score_ray.config import AlgoConfig, LearnerConfig, ModelConfig
 from score_ray.placement import kill_actors
 from score_ray.records import SUMMED_STEP_FIELDS, ReferenceLogprobs, StepStats
-from score_ray.reference import SharedTrunk, set_torch_threads
+from score_ray.reference import SharedTrunk
 from score_ray.samples import POSITION_FIELDS, LearnerSample, PositionTemperatures
 
 
@@ -122,7 +122,7 @@ class LearnerWorker:
         import deepspeed
         import torch
 
-        from score_ray.modeling import load_causal_lm
+        from score_ray.modeling import load_causal_lm, set_torch_threads
         from score_ray.placement import this_node
 
         learner, dtype = self.learner, self.dtype
@@ -349,12 +349,6 @@ def deal_by_trunk(trunk_shares: Optional[list[list[int]]], trunk_rows: Sequence[
     return deal if sum(len(share) for share in deal) == len(trunk_rows) else None
 
 
-def split_micro_batches(samples: Sequence[LearnerSample], ranks: int, max_tokens: int) -> list[list[list[LearnerSample]]]:
-    """``micro_batch_indices`` of the samples, as the samples."""
-    per_rank = micro_batch_indices([len(s.input_ids) for s in samples], ranks, max_tokens)
-    return [[[samples[i] for i in batch] for batch in batches] for batches in per_rank]
-
-
 class LearnerGroup:
     """Places N learner ranks (a placement group with a timeout) and drives them together."""
 
@@ -402,12 +396,12 @@ class LearnerGroup:
         blocks on it; without them (or when they are not all that pass's rows) every rank runs the whole model."""
         deal = deal_by_trunk(self.trunk_shares, trunk_rows) if trunk_rows is not None else None
         per_rank = micro_batch_indices([len(s.input_ids) for s in samples], len(self.workers), self.max_tokens, deal)
-        batches = [([[samples[i] for i in batch] for batch in rank_batches],) for rank_batches in per_rank]
+        batches = [[[samples[i] for i in batch] for batch in rank_batches] for rank_batches in per_rank]
         rows = ([[[trunk_rows[i] for i in batch] for batch in rank_batches] for rank_batches in per_rank]
                 if deal is not None else [None] * len(per_rank))
         total = int(sum(sum(s.loss_mask) for s in samples))
         results = call_ranks(self.workers, "train_step",
-                             per_rank=[(mine[0], total, off_policy, kept) for mine, kept in zip(batches, rows)])
+                             per_rank=[(mine, total, off_policy, kept) for mine, kept in zip(batches, rows)])
         return StepStats.of_ranks(results, micro_batches=len(per_rank[0]))
 
     def publish_weights(self, dtype: str = "float32") -> tuple[Any, int, float]:

@@ -21,6 +21,11 @@ import torch
 Temperature = Union[float, torch.Tensor]
 
 
+def set_torch_threads(cpus: float) -> None:
+    """torch's intra-op threads for an actor given ``cpus`` (at least one)."""
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 

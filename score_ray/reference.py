@@ -22,19 +22,13 @@ from score_ray.records import ReferenceLogprobs
 from score_ray.samples import PositionTemperatures
 
 
-def set_torch_threads(cpus: float) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(cpus)))
-
-
 @ray.remote
 class ReferenceActor:
     """The frozen base model: per-token log-probs of both turns."""
 
     def __init__(self, model: ModelConfig, cpus: float = 1.0, chunk_tokens: Optional[int] = None):
         from score_ray.assets import model_folder
-        from score_ray.modeling import load_causal_lm
+        from score_ray.modeling import load_causal_lm, set_torch_threads
 
         set_torch_threads(cpus)
         on_gpu = bool(ray.get_gpu_ids())

@@ -1,7 +1,7 @@
 """score_ray.learner without a process group: dealing samples to ranks in token-bounded micro-batches,
 and collating them so every per-position field lines up with the log-probs."""
 
-from score_ray.learner import collate, deal_by_trunk, deepspeed_config, deal_to_ranks, micro_batch_indices, split_micro_batches
+from score_ray.learner import collate, deal_by_trunk, deal_to_ranks, deepspeed_config, micro_batch_indices
 from score_ray.samples import POSITION_FIELDS, LearnerSample
 
 
@@ -14,7 +14,8 @@ def sample(length: int, tag: float = 1.0) -> LearnerSample:
 
 def test_ranks_get_the_same_number_of_token_bounded_micro_batches_and_every_sample_once():
     samples = [sample(n, float(i)) for i, n in enumerate([40, 10, 30, 20, 25, 5, 8])]
-    per_rank = split_micro_batches(samples, ranks=2, max_tokens=60)
+    per_rank = [[[samples[i] for i in batch] for batch in batches]
+                for batches in micro_batch_indices([len(s.input_ids) for s in samples], ranks=2, max_tokens=60)]
     assert len(per_rank) == 2 and len(per_rank[0]) == len(per_rank[1])  # ZeRO-3: every rank in every forward
     dealt = [s.advantage[0] for batches in per_rank for batch in batches for s in batch]
     assert sorted(dealt) == [float(i) for i in range(7)]
