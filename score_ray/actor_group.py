@@ -26,7 +26,7 @@ from score_ray.config import Config
 from score_ray.data import Problem
 from score_ray.episode import Episode
 from score_ray.faults import PlacementTimeout
-from score_ray.placement import kill_actors, reference_gpus
+from score_ray.placement import actor_runtime_env, kill_actors, reference_gpus
 from score_ray.records import ReferenceLogprobs, Rollout, SyncStats
 
 
@@ -57,14 +57,15 @@ class ActorGroup:
         self.generators = [
             GeneratorActor.options(num_cpus=rollout.cpus_per_generator, num_gpus=rollout.gpus_per_generator,
                                    resources=dict(rollout.resources), max_restarts=rollout.max_restarts,
-                                   max_task_retries=0).remote(
+                                   max_task_retries=0, runtime_env=actor_runtime_env(config)).remote(
                 config.model, rollout, config.prompts, config.run.seed + index, uses_nccl(config),
                 learner.nccl_buffer_mb * 2**20,
             )
             for index in range(rollout.num_generators)
         ]
         self.reference = self._start_reference()
-        self.pool = RewardPool(config.reward, restart_wait_s=max(60.0, config.cluster.resource_timeout_s))
+        self.pool = RewardPool(config.reward, restart_wait_s=max(60.0, config.cluster.resource_timeout_s),
+                               runtime_env=actor_runtime_env(config))
         self.learner = self._start_learner()
         ready = [g.ready.remote() for g in self.generators] + [r.ready.remote() for r in self._references()]
         done, pending = ray.wait(ready, num_returns=len(ready), timeout=max(600.0, config.cluster.resource_timeout_s))
@@ -109,7 +110,8 @@ class ActorGroup:
         if learner.shares_trunk:
             return None
         return ReferenceActor.options(num_cpus=learner.cpus_per_rank, num_gpus=reference_gpus(self.config),
-                                      resources=dict(learner.resources)).remote(self.config.model, learner.cpus_per_rank,
+                                      resources=dict(learner.resources),
+                                      runtime_env=actor_runtime_env(self.config)).remote(self.config.model, learner.cpus_per_rank,
                                                                                 learner.logprob_chunk_tokens)
 
     def _start_learner(self):
@@ -120,7 +122,8 @@ class ActorGroup:
         timeout = config.cluster.resource_timeout_s
         if os.environ.get("SCORE_RAY_AUTOSCALING"):
             timeout = max(timeout, 1800.0)
-        return LearnerGroup(config.model, config.learner, config.algo, config.run.seed, timeout)
+        return LearnerGroup(config.model, config.learner, config.algo, config.run.seed, timeout,
+                            actor_runtime_env(config))
 
     def record_placement(self, iteration: int, reason: str) -> None:
         """Append where every role runs now to the run folder's nodes.json (the driver's node included)."""

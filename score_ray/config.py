@@ -410,6 +410,14 @@ class LearnerConfig(_Strict):
         256, ge=16, description="NCCL weight sync: size of each of vLLM's 2 packed transfer buffers; taken out of "
         "rollout.gpu_memory_utilization on every engine"
     )
+    rendezvous_port: int = Field(
+        0, ge=0, le=65535, description="TCP port on learner rank 0's node where the other ranks join the DeepSpeed "
+        "group (torch's TCPStore); 0: any free port. Set it where a firewall opens only named ports between nodes"
+    )
+    transfer_port: int = Field(
+        0, ge=0, le=65535, description="NCCL weight sync: TCP port on learner rank 0's node where every engine joins "
+        "the weight-transfer group; 0: any free port"
+    )
 
     @property
     def shares_trunk(self) -> bool:
@@ -431,6 +439,13 @@ class LearnerConfig(_Strict):
     @classmethod
     def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
         return _custom_resources(value)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "LearnerConfig":
+        if self.rendezvous_port and self.rendezvous_port == self.transfer_port:
+            raise ValueError(f"learner.rendezvous_port and learner.transfer_port are both {self.rendezvous_port}: "
+                             "both listen on learner rank 0's node, so they must differ")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -462,6 +477,22 @@ class ClusterConfig(_Strict):
         30.0, gt=0.0, description="how long to wait for the cluster to place actors: at start, and for a "
         "replacement node after one is lost mid-run"
     )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="environment variables for every actor of the run (Ray's runtime_env), "
+        "e.g. {NCCL_SOCKET_IFNAME: eth0, GLOO_SOCKET_IFNAME: eth0} to name the interface the learner's and the "
+        "weight sync's collectives use; each node's nodes.json entry shows the NCCL_* / GLOO_* it ran with"
+    )
+
+    @field_validator("env_vars", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value  # pydantic names the wrong type
+        for name in value:
+            if not isinstance(name, str) or not name.replace("_", "a").isalnum() or name[0].isdigit():
+                raise ValueError(f"{name!r} is not an environment variable name")
+        # YAML reads 1 or true as numbers and booleans; the environment holds their text
+        return {name: str(text).lower() if isinstance(text, bool) else str(text) for name, text in value.items()}
 
 
 class RunConfig(_Strict):

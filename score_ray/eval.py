@@ -19,16 +19,17 @@ from score_ray.config import ConfigError, load_config
 def start_engine(config, path: str):
     """A local Ray, one generator on the model folder ``path`` (resolved on the driver, as printed: a relative
     folder means the one beside the user) and the reward pool."""
-    from score_ray.placement import ray_init
+    from score_ray.placement import actor_runtime_env, ray_init
     from score_ray.reward.pool import RewardPool
     from score_ray.rollout import GeneratorActor
 
     # logical CPUs for every actor the config names, as the trainer does (cpu_demo's engine takes both cores)
     ray_init(config)
     generator = GeneratorActor.options(num_cpus=config.rollout.cpus_per_generator,
-                                       num_gpus=config.rollout.gpus_per_generator).remote(
+                                       num_gpus=config.rollout.gpus_per_generator,
+                                       runtime_env=actor_runtime_env(config)).remote(
         config.model.model_copy(update={"path": path}), config.rollout, config.prompts, config.run.seed)
-    return generator, RewardPool(config.reward)
+    return generator, RewardPool(config.reward, runtime_env=actor_runtime_env(config))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

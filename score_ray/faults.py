@@ -8,6 +8,12 @@ from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 if TYPE_CHECKING:
     from score_ray.reward.types import GradeResult
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError, or an allocator / KV-cache failure reported as another error type."""
+    text = f"{type(err).__name__}: {err}".lower()
+    return "outofmemory" in text.replace(" ", "") or "out of memory" in text or "cannot allocate memory" in text
+
+
 MAX_RECOVERIES_IN_ROW = 3  # learner losses while the previous one is still being recovered
 
 

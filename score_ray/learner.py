@@ -1,14 +1,12 @@
 """LearnerGroup: N Ray actors forming one DeepSpeed ZeRO group, and the optimiser step they take.
 
-Each rank sets the torch.distributed environment itself and joins the group with
-``deepspeed.init_distributed`` (gloo on CPU, NCCL on GPU). A training step takes
-token-level samples (``samples.LearnerSample``: ids, which tokens are trained,
-advantages and KL coefficients per token, sampler and reference log-probs), splits
-them into micro-batches bounded by tokens, and makes one optimiser step. Every rank runs the same number of
-micro-batches (ZeRO-3 needs every rank in every forward), padding with empty ones.
+Each rank (``LearnerWorker``: a ``score_ray.learner_rank.LearnerRank`` in a Ray actor) sets the
+torch.distributed environment itself and joins the group with ``deepspeed.init_distributed`` (gloo on CPU,
+NCCL on GPU). The group splits a step's samples into micro-batches bounded by tokens; every rank runs the
+same number of micro-batches (ZeRO-3 needs every rank in every forward), padding with empty ones.
 
 Weights leave the group through rank 0 (score_ray.weight_export, score_ray.weight_sync). With
-learner.share_trunk the ranks also serve the reference (score_ray.reference.SharedTrunk).
+learner.share_trunk the ranks also serve the reference (score_ray.shared_trunk).
 
 The group's rendezvous (torch's TCPStore, MASTER_ADDR / MASTER_PORT) lives on rank
 0's node, read there once the placement group has put rank 0 somewhere: on a cluster
@@ -25,66 +23,35 @@ from typing import Any, Optional, Sequence
 
 import ray
 
-from score_ray import algo
 from score_ray.actor_calls import call_ranks, gather
 from score_ray.config import AlgoConfig, LearnerConfig, ModelConfig
+from score_ray.learner_rank import LearnerRank
 from score_ray.placement import kill_actors
-from score_ray.records import SUMMED_STEP_FIELDS, ReferenceLogprobs, StepStats
-from score_ray.reference import SharedTrunk
-from score_ray.samples import POSITION_FIELDS, LearnerSample, PositionTemperatures
+from score_ray.records import ReferenceLogprobs, StepStats
+from score_ray.samples import LearnerSample, PositionTemperatures
 
 
-def trainable_names(model, mode: str, top_layers: int) -> set[str]:
-    """Names of the parameters a learner trains: all, or the last ``top_layers`` blocks + final norm."""
-    names = [name for name, _ in model.named_parameters()]
-    if mode == "all":
-        return set(names)
-    layers = model.config.num_hidden_layers
-    keep = {f".layers.{index}." for index in range(max(0, layers - top_layers), layers)}
-    return {name for name in names if any(tag in name for tag in keep) or name.endswith("model.norm.weight")}
+def port_on_this_node(configured: int, key: str) -> int:
+    """``configured`` if it is free on this node, or any free port when it is 0; a taken one is named."""
+    import socket
 
+    from score_ray.placement import free_ports
 
-def deepspeed_config(learner: LearnerConfig, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed engine's config. Gradients accumulate over a step's micro-batches in fp32 whatever the
-    weights' dtype: DeepSpeed's default is the weights' dtype, and a bf16 sum of many micro-batches loses the
-    small ones (its ZeRO-1/2/3 optimisers keep a separate fp32 buffer when the two differ)."""
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,  # set per step: the micro-batch count varies (train_step)
-        "gradient_clipping": learner.grad_clip,
-        "zero_optimization": {"stage": learner.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
-        "data_types": {"grad_accum_dtype": "fp32"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def collate(samples: Sequence[LearnerSample], pad_id: int):
-    """Right-padded tensors: ids, attention mask and per-token training fields aligned to logp[t-1]. No
-    samples give one row of two pad tokens, nothing trained: an empty micro-batch still joins the forward
-    (ZeRO-3 gathers parameters in it)."""
-    import torch
-
-    from score_ray.modeling import pad_batch, pad_positions
-
-    if samples:
-        ids, attention = pad_batch([s.input_ids for s in samples], pad_id)
-    else:
-        ids = torch.full((1, 2), pad_id, dtype=torch.long)
-        attention = torch.ones_like(ids)
-    rows = [[getattr(s, name) for s in samples] or [[]] for name in POSITION_FIELDS]
-    # padding is never trained; its temperature is 1 so that dividing logits by it stays finite
-    fields = {name: pad_positions(values, ids.shape[1] - 1, 1.0 if name == "temperature" else 0.0)
-              for name, values in zip(POSITION_FIELDS, rows)}
-    return ids, attention, fields
+    if not configured:
+        return free_ports(1)[0]
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", configured))
+        except OSError as err:
+            raise RuntimeError(f"{key}={configured} is taken on learner rank 0's node "
+                               f"{ray.util.get_node_ip_address()} ({err.strerror}); pick another port or 0 (any)") from err
+    return configured
 
 
 @ray.remote
-class LearnerWorker:
-    """One DeepSpeed rank. Built in two steps: the actor starts (``__init__``, cheap), rank 0 names
-    the rendezvous on its own node (``rendezvous``), then every rank joins it (``setup``)."""
+class LearnerWorker(LearnerRank):
+    """One DeepSpeed rank in a Ray actor. Built in three steps: the actor starts (``__init__``, cheap), rank 0
+    names the rendezvous on its own node (``rendezvous``), then every rank joins it (``setup``)."""
 
     def __init__(
         self,
@@ -95,16 +62,14 @@ class LearnerWorker:
         algo_config: AlgoConfig,
         seed: int,
     ):
-        self.rank, self.world_size = rank, world_size
+        super().__init__(rank, world_size, learner, algo_config)
         self.model_config = model
         self.seed, self.dtype = seed, model.dtype
-        self.learner, self.algo_config = learner, algo_config
 
     def rendezvous(self) -> tuple[str, int]:
-        """(this node's address, a port free on it): where the group's TCPStore will listen (rank 0)."""
-        from score_ray.placement import free_ports
-
-        return ray.util.get_node_ip_address(), free_ports(1)[0]
+        """(this node's address, learner.rendezvous_port or a port free here): where the group's TCPStore will
+        listen (rank 0)."""
+        return ray.util.get_node_ip_address(), port_on_this_node(self.learner.rendezvous_port, "learner.rendezvous_port")
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
         """Join the process group at rank 0's address, load the model, build the DeepSpeed engine."""
@@ -125,142 +90,23 @@ class LearnerWorker:
         from score_ray.modeling import load_causal_lm, set_torch_threads
         from score_ray.placement import this_node
 
-        learner, dtype = self.learner, self.dtype
         self.on_gpu = bool(ray.get_gpu_ids())
-        set_torch_threads(learner.cpus_per_rank)
+        set_torch_threads(self.learner.cpus_per_rank)
         torch.manual_seed(self.seed)
-        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
-        model_path = model_folder(self.model_config)  # on this node: the driver's paths may not exist here
-        model = load_causal_lm(model_path, dtype="float32" if not self.on_gpu else dtype)
-        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        keep = trainable_names(model, learner.trainable, learner.trainable_top_layers)
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in keep)
-        self.trainable = [name for name, param in model.named_parameters() if param.requires_grad]
-        if learner.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        config = deepspeed_config(learner, bf16=self.on_gpu and dtype == "bfloat16")
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=learner.lr, weight_decay=learner.weight_decay
-        )
-        # taken from the base weights before any checkpoint loads (score_ray.reference)
-        self.shared_trunk = SharedTrunk(model, learner.trainable_top_layers) if learner.shares_trunk else None
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        if self.shared_trunk is not None:
-            self.shared_trunk.to(self.engine.device)
-        return {**this_node(), "rank": self.rank, "gpus": [str(g) for g in ray.get_gpu_ids()]}
-
-    # ------------------------------------------------------------------ training
-    def train_step(
-        self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool = False,
-        trunk_rows: Optional[list[list[int]]] = None,
-    ) -> StepStats:
-        """One optimiser step over this rank's micro-batches (all ranks get the same count).
-
-        Each micro-batch's loss is (sum over its trained tokens) / (trained tokens on ALL ranks),
-        multiplied by world size and micro-batch count to undo DeepSpeed's averaging over ranks
-        and gradient accumulation: the step follows the mean token loss of the whole batch.
-
-        A non-finite gradient norm makes DeepSpeed's ZeRO optimiser drop the step (weights and
-        optimiser state untouched); ``applied`` reports it so the trainer can count and stop.
-        ``trunk_rows``: per micro-batch, the reference pass's row of each sample (learner.share_trunk).
-        """
         try:
-            return self._train_step(micro_batches, total_tokens, off_policy, trunk_rows)
-        except Exception as err:  # noqa: BLE001 - an OOM is re-raised with the settings that bound memory
-            from score_ray.rollout import is_out_of_memory
-
-            if is_out_of_memory(err):
-                raise RuntimeError(
-                    f"learner rank {self.rank} ran out of memory ({str(err)[:300]}); lower learner.micro_batch_tokens, "
-                    "set learner.gradient_checkpointing=true, or shard more (learner.zero_stage=3, more learner.num_ranks)"
-                ) from err
-            raise
-
-    def _train_step(self, micro_batches: list[list[LearnerSample]], total_tokens: int, off_policy: bool,
-                    trunk_rows: Optional[list[list[int]]]) -> StepStats:
-        import torch
-
-        start = time.monotonic()
-        count = len(micro_batches)
-        self.engine.set_train_batch_size(count * self.world_size)  # gradient accumulation = count
-        self.engine.train()
-        sums = dict.fromkeys(SUMMED_STEP_FIELDS, 0.0)
-        scale = self.world_size * count / max(1, total_tokens)
-        for index, batch in enumerate(micro_batches):
-            # The step lands after the LAST micro-batch. DeepSpeed's own boundary counts micro-steps since
-            # the engine started, so once the count changed between steps it fell mid-batch: half a
-            # batch stepped, the rest leaked into the next step, reported as a skipped step.
-            self.engine.set_gradient_accumulation_boundary(index == count - 1)
-            ids, attention, fields = collate(batch, self.pad_id)
-            device = self.engine.device
-            select = fields["loss_mask"] > 0
-            if not bool(select.any()):
-                select[0, 0] = True  # keep the forward (ZeRO-3 gathers happen in it); its loss weight is 0
-            # Only trained tokens go through the LM head; the fields are flattened the same way.
-            # each position at its turn's sampling temperature (score_ray.modeling)
-            temperature = fields["temperature"].to(device)
-            rows = trunk_rows[index] if trunk_rows is not None else None
-            logp, entropy, from_trunk = self._policy_logprobs(rows, ids.to(device), attention.to(device),
-                                                              select.to(device), temperature)
-            sums["trunk_batches"] += float(from_trunk)
-            sums["filled_batches"] += float(bool(batch))
-            fields = {k: v[select].to(device) for k, v in fields.items()}
-            loss_sum, stats = algo.token_loss(
-                logp,
-                fields["old_logp"],
-                fields["ref_logp"],
-                fields["advantage"],
-                fields["kl_coef"],
-                fields["loss_mask"],
-                policy_loss=self.algo_config.policy_loss,
-                kl_estimator=self.algo_config.kl_estimator,
-                kl_in_loss=self.algo_config.kl_in == "loss",
-                clip_eps=self.algo_config.clip_eps,
-                importance_cap=self.algo_config.importance_cap if off_policy else None,
-            )
-            self.engine.backward(loss_sum * scale)
-            self.engine.step()  # a no-op but for the micro-step count until the boundary
-            sums["loss"] += float(loss_sum.detach())
-            for key in ("pg", "kl", "clipped"):
-                sums[key] += stats[key]
-            sums["entropy"] += float((entropy * fields["loss_mask"]).sum())
-            sums["tokens"] += float(fields["loss_mask"].sum())
-        return StepStats(**sums, compute_seconds=time.monotonic() - start,
-                         grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                         applied=bool(self.engine.was_step_applied()), micro_batches=count)
-
-    def _policy_logprobs(self, rows: Optional[list[int]], ids, attention, select, temperature):
-        """(the policy's log-probs with gradient, entropies, whether they came from a kept trunk) at ``select``:
-        the top blocks alone on the trunks this rank kept for ``rows`` in its reference pass, else the whole
-        model."""
-        from score_ray.modeling import selected_token_logprobs
-
-        trunk = self.shared_trunk
-        if trunk is not None and trunk.holds(rows):
-            return (*trunk.policy_logprobs(self.engine, rows, ids, attention, select, temperature,
-                                           self.learner.logprob_chunk_tokens), True)
-        return (*selected_token_logprobs(self.engine, ids, attention, select, with_entropy=True,
-                                         temperature=temperature, chunk_tokens=self.learner.logprob_chunk_tokens),
-                False)
-
-    # ------------------------------------------------------------------ log-probs and weights
-    def reference_logprobs(self, sequences: list[list[int]], rows: list[int], select: list[list[float]],
-                           temperature: PositionTemperatures = 1.0) -> ReferenceLogprobs:
-        """The base model's log-probs of this rank's share (rows ``rows`` of the pass) through the shared trunk
-        (learner.share_trunk); each row's trunk is kept for ``train_step``."""
-        start = time.monotonic()
-        self.engine.eval()
-        logps = self.shared_trunk.reference_logprobs(self.engine.module, sequences, rows, select, temperature,
-                                                     self.pad_id, self.learner.micro_batch_tokens,
-                                                     self.learner.logprob_chunk_tokens)
-        return ReferenceLogprobs(logps, compute_seconds=time.monotonic() - start)
-
-    def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
-        from score_ray.modeling import sequence_logprobs
-
-        self.engine.eval()
-        return sequence_logprobs(self.engine, sequences, self.pad_id, temperature=temperature)
+            deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        except Exception as err:  # noqa: BLE001 - most often a port a firewall keeps closed: say which
+            raise RuntimeError(
+                f"learner rank {self.rank} on {ray.util.get_node_ip_address()} could not join the group at "
+                f"{master_addr}:{master_port} ({type(err).__name__}: {str(err)[:300]}). Every learner node must reach "
+                "that TCP port on rank 0's node (learner.rendezvous_port fixes it; cluster/README.md lists the ports "
+                "to open), and the collectives' interface must be one the nodes share (cluster.env_vars: "
+                "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)"
+            ) from err
+        model_path = model_folder(self.model_config)  # on this node: the driver's paths may not exist here
+        dtype = self.dtype if self.on_gpu else "float32"
+        self.build(load_causal_lm(model_path, dtype=dtype), bf16=dtype == "bfloat16")
+        return {**this_node(), "rank": self.rank, "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     def publish_weights(self, dtype: str = "float32") -> Optional[tuple[list, int, float]]:
         """Rank 0 packs the trainable weights into one buffer in the object store and returns ([ref], bytes,
@@ -273,41 +119,24 @@ class LearnerWorker:
             return None
         return [packed[0]], packed[1], time.monotonic() - start
 
-    def transfer_endpoints(self, count: int) -> tuple[str, list[int]]:
-        """(this node's address, ``count`` ports free on it) for the NCCL transfer groups rank 0 hosts."""
-        from score_ray.placement import free_ports
+    def transfer_endpoint(self) -> tuple[str, int]:
+        """(this node's address, learner.transfer_port or a port free here) for the NCCL transfer group rank 0
+        hosts."""
+        return ray.util.get_node_ip_address(), port_on_this_node(self.learner.transfer_port, "learner.transfer_port")
 
-        return ray.util.get_node_ip_address(), free_ports(count)
-
-    def nccl_connect(self, groups: list, generators: list, dtype: str) -> None:
-        """GPU: join one vLLM NCCL transfer group per engine (rank 0 sends; every rank gathers)."""
+    def nccl_connect(self, group, generators: list, dtype: str) -> None:
+        """GPU: join the engines' vLLM NCCL transfer group (rank 0 sends; every rank gathers)."""
         import torch
 
-        from score_ray.weight_sync_gpu import NcclWeightSync, RayEngineClient, Zero3WeightSource
+        from score_ray.weight_sync_gpu import NcclWeightSync, RayEnginesClient, Zero3WeightSource
 
         source = Zero3WeightSource(self.engine, getattr(torch, dtype), rank=self.rank, names=set(self.trainable))
-        clients = [RayEngineClient(handle) for handle in generators] if self.rank == 0 else None
-        self.nccl = NcclWeightSync(groups, rank=self.rank, clients=clients)
+        client = RayEnginesClient(generators, group) if self.rank == 0 else None
+        self.nccl = NcclWeightSync(group, rank=self.rank, client=client)
         self.nccl.connect(source)
 
     def nccl_send(self) -> None:
         self.nccl.send()
-
-    def save_hf(self, path: str) -> Optional[str]:
-        """Write the full model as a Hugging Face folder (rank 0 writes; all ranks take part)."""
-        from score_ray.weight_export import save_hf
-
-        return save_hf(self.engine.module, self.rank, path)
-
-    def save_checkpoint(self, folder: str, tag: str) -> None:
-        self.engine.save_checkpoint(folder, tag=tag)
-
-    def load_checkpoint(self, folder: str, tag: str) -> None:
-        if self.shared_trunk is not None:
-            self.shared_trunk.forget()
-        path, _ = self.engine.load_checkpoint(folder, tag=tag)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {folder}")
 
 
 def deal_to_ranks(lengths: Sequence[int], ranks: int) -> list[list[int]]:
@@ -352,7 +181,8 @@ def deal_by_trunk(trunk_shares: Optional[list[list[int]]], trunk_rows: Sequence[
 class LearnerGroup:
     """Places N learner ranks (a placement group with a timeout) and drives them together."""
 
-    def __init__(self, model: ModelConfig, learner: LearnerConfig, algo_config: AlgoConfig, seed: int, timeout_s: float):
+    def __init__(self, model: ModelConfig, learner: LearnerConfig, algo_config: AlgoConfig, seed: int, timeout_s: float,
+                 runtime_env: Optional[dict[str, Any]] = None):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -374,6 +204,7 @@ class LearnerGroup:
                 num_gpus=learner.gpus_per_rank,
                 resources=dict(learner.resources),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
+                runtime_env=runtime_env,
             ).remote(rank, learner.num_ranks, model, learner, algo_config, seed)
             for rank in range(learner.num_ranks)
         ]
@@ -410,13 +241,13 @@ class LearnerGroup:
         return published[0][0], published[1], published[2]
 
     def connect_nccl(self, generators: list, tensor_parallel_size: int, dtype: str, buffer_bytes: int) -> None:
-        """GPU: one vLLM NCCL transfer group per engine, each on its own port (score_ray.weight_sync_gpu)."""
+        """GPU: one vLLM NCCL transfer group for every engine, on one port (score_ray.weight_sync_gpu)."""
         from score_ray.weight_sync_gpu import transfer_layout
 
-        # Rank 0 hosts every group's TCPStore: its address, and ports free on its node.
-        address, ports = gather([self.workers[0].transfer_endpoints.remote(len(generators))])[0]
-        groups = transfer_layout(len(generators), tensor_parallel_size, address, ports, buffer_bytes=buffer_bytes)
-        call_ranks(self.workers, "nccl_connect", groups, generators, dtype)
+        # Rank 0 hosts the group's TCPStore: its address, and a port free on its node.
+        address, port = gather([self.workers[0].transfer_endpoint.remote()])[0]
+        group = transfer_layout(len(generators), tensor_parallel_size, address, port, buffer_bytes=buffer_bytes)
+        call_ranks(self.workers, "nccl_connect", group, generators, dtype)
 
     def send_nccl(self) -> None:
         call_ranks(self.workers, "nccl_send")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import socket
-from typing import Any
+from typing import Any, Optional
 
 from score_ray.config import Config
 
@@ -43,7 +43,8 @@ def kill_actors(actors) -> None:
 
 
 def this_node() -> dict[str, Any]:
-    """The Ray node this process runs on: its address, node id and host name (for the run's nodes.json)."""
+    """The Ray node this process runs on: its address, node id, host name and the collectives' environment
+    (NCCL_* / GLOO_*: which interface they bind), for the run's nodes.json."""
     import ray
 
     return {
@@ -51,7 +52,15 @@ def this_node() -> dict[str, Any]:
         "node_id": ray.get_runtime_context().get_node_id(),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
+        "collectives_env": {name: value for name, value in sorted(os.environ.items())
+                            if name.startswith(("NCCL_", "GLOO_"))},
     }
+
+
+def actor_runtime_env(config: Config) -> Optional[dict[str, Any]]:
+    """The runtime_env every actor of the run starts with: cluster.env_vars (set before any library reads them,
+    and inherited by the processes an actor starts, e.g. vLLM's engine core)."""
+    return {"env_vars": dict(config.cluster.env_vars)} if config.cluster.env_vars else None
 
 
 def ray_init(config: Config) -> None:

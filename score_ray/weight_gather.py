@@ -104,6 +104,7 @@ class GatheredWeights:
     def __iter__(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
         import deepspeed
 
+        wait_for_pending_writes()
         for name, tensor in self._selected():
             # A no-op for tensors without ds_id (ZeRO-1/2 parameters, buffers).
             with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
@@ -114,3 +115,15 @@ class GatheredWeights:
                 if self.device is not None:
                     full = full.to(self.device)
                 yield name, full.to(dtype=self.dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def wait_for_pending_writes() -> None:
+    """Let every kernel already queued on this device finish: the optimiser's last writes to the weights.
+
+    The consumer may gather on a stream of its own (vLLM's NCCL sender packs and gathers inside its packing
+    streams), which does not wait for the default stream the optimiser step ran on; and DeepSpeed synchronises
+    the device after a step only from its second global step on (its throughput timer). Without this the first
+    syncs could send half-written tensors.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -76,8 +76,8 @@ class ObjectStoreSync:
 
 
 class NcclSync:
-    cannot_recover = ("with NCCL weight sync the engines' transfer groups belong to the learner's rank 0 and the "
-                      "engine's start, so a restarted engine or a replaced learner cannot rejoin them")
+    cannot_recover = ("with NCCL weight sync the engines' transfer group belongs to the learner's rank 0 and the "
+                      "engines' start, so a restarted engine or a replaced learner cannot rejoin it")
 
     def __init__(self, learner, generators: list, config: Config):
         self.learner = learner

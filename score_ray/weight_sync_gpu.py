@@ -10,9 +10,9 @@ Built on vLLM's stateful weight-transfer API (``vllm.distributed.weight_transfer
   ``WeightTransferTrainerFactory.trainer_init(NCCLTrainerInitInfo(...))``, which
   broadcasts from rank 0 while the engine runs ``LLM.update_weights``.
 
-Every independent engine (tensor parallel size TP) gets its own transfer group of
-TP + 1 ranks on its own port: the learner's rank 0 at NCCL rank 0 and the engine's
-workers at 1..TP. ``transfer_layout`` computes that layout.
+All engines share one transfer group on one port: the learner's rank 0 at NCCL rank 0
+and engine i's TP x PP workers after it, so a sync gathers the ZeRO-3 weights once and
+one broadcast reaches every engine. ``transfer_layout`` computes that layout.
 
 Engine side, a Ray actor that holds ``self.llm`` exposes two methods, e.g.::
 
@@ -25,7 +25,8 @@ Engine side, a Ray actor that holds ``self.llm`` exposes two methods, e.g.::
 Trainer side, every learner rank (all of them take part in the ZeRO-3 gathers)::
 
     source = Zero3WeightSource(engine, torch.bfloat16, rank=rank, names=trainable)
-    sync = NcclWeightSync(transfer_layout(...), rank=rank, clients=[RayEngineClient(h) for h in actors])
+    group = transfer_layout(len(actors), tp, rank0_address, port)
+    sync = NcclWeightSync(group, rank=rank, client=RayEnginesClient(actors, group) if rank == 0 else None)
     sync.connect(source)   # once
     sync.send()            # after each optimiser step
 
@@ -51,7 +52,6 @@ import torch
 # ``metadata()`` method and ``__iter__``; 0.33 changed both, which is why vLLM is pinned to 0.32 everywhere).
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
-from score_ray.placement import free_ports
 from score_ray.weight_gather import GatheredWeights
 
 T = TypeVar("T")
@@ -129,21 +129,26 @@ class Zero3WeightSource(GatheredWeights, WeightSource):
 
 @dataclass(frozen=True)
 class TransferGroup:
-    """One vLLM engine's NCCL transfer group: the learner's rank 0 plus the engine's workers.
+    """The one NCCL transfer group of a run: the learner's rank 0 (NCCL rank 0, the sender) and every engine's
+    workers after it, engine ``i``'s TP x PP workers at ``engine_rank_offsets[i]`` onwards.
 
     ``trainer_init_info`` has the fields of vLLM's ``NCCLTrainerInitInfo`` (what
-    ``WeightTransferTrainerFactory.trainer_init`` takes; ``rank`` there is the learner
-    rank, 0 = sender). The engine's side is derived from it by vLLM's trainer engine,
-    which sends it to the engine through the client.
+    ``WeightTransferTrainerFactory.trainer_init`` takes; ``rank`` there is the learner rank, 0 = sender).
+    vLLM's trainer engine derives the engines' side from it with ``rank_offset`` 1; ``RayEnginesClient``
+    hands each engine its own offset instead.
     """
 
-    engine_index: int
     master_address: str
     master_port: int
     world_size: int
-    trainer_rank: int
-    worker_ranks: tuple[int, ...]
+    workers_per_engine: int
+    engine_rank_offsets: tuple[int, ...]
     trainer_init_info: dict[str, Any] = field(default_factory=dict)
+
+    def engine_ranks(self, index: int) -> range:
+        """NCCL ranks of engine ``index``'s workers (vLLM adds a worker's rank inside its engine to the offset)."""
+        offset = self.engine_rank_offsets[index]
+        return range(offset, offset + self.workers_per_engine)
 
 
 # vLLM packs tensors into chunks of about this size (a chunk may pass it by one tensor) and keeps this many
@@ -155,98 +160,96 @@ def transfer_layout(
     num_engines: int,
     tensor_parallel_size: int,
     master_address: str,
-    ports: Optional[Sequence[int]] = None,
+    port: int,
     *,
     pipeline_parallel_size: int = 1,
     packed: bool = True,
     buffer_bytes: int = 256 * 2**20,
-) -> list[TransferGroup]:
-    """Rank layout for ``num_engines`` independent vLLM engines.
+) -> TransferGroup:
+    """One transfer group for ``num_engines`` independent vLLM engines: a sync gathers the ZeRO-3 weights
+    once and one broadcast reaches every engine's workers (NCCL fans it out along its ring or tree).
 
-    One group per engine, each with its own port, so ranks never collide across
-    engines: NCCL rank 0 is the learner's rank 0 (vLLM's trainer engine always
-    sends from rank 0) and the engine's TP x PP workers sit at 1..TP x PP (vLLM
-    adds ``rank_offset`` = 1 to each worker's rank inside its engine).
-
-    ``master_address`` must be the address of the learner's rank 0, which hosts
-    every group's TCPStore; ``ports`` default to free ports picked here, so call
-    this on that node or pass ports read there (``LearnerWorker.transfer_endpoints``).
+    ``master_address`` must be the address of the learner's rank 0, which hosts the group's TCPStore on
+    ``port`` (learner.transfer_port, or a port found free there: ``LearnerWorker.transfer_endpoint``).
     """
     if num_engines < 1 or tensor_parallel_size < 1 or pipeline_parallel_size < 1:
         raise ValueError("transfer_layout needs at least one engine and one worker per engine")
-    ports = list(ports) if ports is not None else free_ports(num_engines)
-    if len(ports) != num_engines or len(set(ports)) != num_engines:
-        raise ValueError(f"transfer_layout needs {num_engines} distinct ports, got {ports}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"transfer_layout needs a TCP port, got {port!r}")
     workers = tensor_parallel_size * pipeline_parallel_size
-    world_size = workers + 1
-    groups = []
-    for index, port in enumerate(ports):
-        groups.append(
-            TransferGroup(
-                engine_index=index,
-                master_address=master_address,
-                master_port=int(port),
-                world_size=world_size,
-                trainer_rank=0,
-                worker_ranks=tuple(range(1, world_size)),
-                trainer_init_info={
-                    "master_address": master_address, "master_port": int(port), "world_size": world_size,
-                    "packed": packed, "packed_buffer_size_bytes": int(buffer_bytes),
-                    "packed_num_buffers": TRANSFER_BUFFERS, "rank": 0,
-                },
-            )
-        )
-    return groups
+    world_size = 1 + num_engines * workers
+    return TransferGroup(
+        master_address=master_address,
+        master_port=int(port),
+        world_size=world_size,
+        workers_per_engine=workers,
+        engine_rank_offsets=tuple(1 + index * workers for index in range(num_engines)),
+        trainer_init_info={
+            "master_address": master_address, "master_port": int(port), "world_size": world_size,
+            "packed": packed, "packed_buffer_size_bytes": int(buffer_bytes),
+            "packed_num_buffers": TRANSFER_BUFFERS, "rank": 0,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- orchestration
 
 
-class RayEngineClient:
-    """vLLM's ``VLLMWeightSyncClient`` protocol (base.py) for one Ray actor holding a ``vllm.LLM``.
+class RayEnginesClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol (base.py) for every engine of the group at once, each a Ray
+    actor holding a ``vllm.LLM``.
 
-    The actor exposes two methods (names configurable) that call
-    ``NcclWeightSync.engine_init`` and ``NcclWeightSync.engine_update``. One
-    update is a single actor call that runs start -> update -> finish -> reset
-    prefix cache, so an engine is never left mid-update between two RPCs; the
-    protocol's ``start_weight_update`` / ``finish_weight_update`` are therefore
-    no-ops here. Every call is bounded by ``ray.get(timeout=...)``.
+    The actors expose two methods (names configurable) that call ``NcclWeightSync.engine_init`` and
+    ``NcclWeightSync.engine_update``. vLLM's trainer engine thinks it talks to one engine: this client hands
+    the init to every engine with its own rank offset, and each update to all of them, concurrently (their
+    workers meet the sender inside the same NCCL calls, so one engine waiting for another would hang). One
+    update is a single actor call that runs start -> update -> finish -> reset prefix cache, so an engine is
+    never left mid-update between two RPCs; the protocol's ``start_weight_update`` / ``finish_weight_update``
+    are therefore no-ops here. Every call is bounded by ``ray.get(timeout=...)``.
     """
 
     def __init__(
         self,
-        handle: Any,
+        handles: Sequence[Any],
+        group: TransferGroup,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         init_method: str = "weight_sync_init",
         update_method: str = "weight_sync_update",
     ) -> None:
-        self.handle = handle
+        if len(handles) != len(group.engine_rank_offsets):
+            raise ValueError(f"the transfer group has {len(group.engine_rank_offsets)} engines, got {len(handles)} "
+                             "engine actors")
+        self.handles = list(handles)
+        self.group = group
         self.timeout_s = timeout_s
         self.init_method = init_method
         self.update_method = update_method
 
-    def _call(self, step: str, method: str, *args: Any) -> None:
+    def _call_all(self, step: str, method: str, arguments: Sequence[Any]) -> None:
         import ray
 
+        pending = [getattr(handle, method).remote(argument) for handle, argument in zip(self.handles, arguments)]
         try:
-            ray.get(getattr(self.handle, method).remote(*args), timeout=self.timeout_s)
+            ray.get(pending, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError as error:
+            late = [index for index, ref in enumerate(pending) if not ray.wait([ref], timeout=0)[0]]
             raise TimeoutError(
-                f"weight sync step {step!r} on the engine actor did not finish within {self.timeout_s:g}s"
+                f"weight sync step {step!r} did not finish within {self.timeout_s:g}s on engines {late}"
             ) from error
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._call("engine init_weight_transfer_engine", self.init_method, init_info)
+        infos = [{**init_info, "rank_offset": offset} for offset in self.group.engine_rank_offsets]
+        self._call_all("engine init_weight_transfer_engine", self.init_method, infos)
 
     def start_weight_update(self) -> None:
-        pass  # started inside the engine's update call
+        pass  # started inside each engine's update call
 
     def update_weights(self, update_info: Any) -> None:
-        self._call("engine update_weights", self.update_method, update_info)
+        self._call_all("engine update_weights", self.update_method, [update_info] * len(self.handles))
 
     def finish_weight_update(self, weight_version: Optional[str] = None) -> None:
-        pass  # finished inside the engine's update call
+        pass  # finished inside each engine's update call
 
 
 class _NoClient:
@@ -266,30 +269,28 @@ def nccl_weight_transfer_config():
 
 
 class NcclWeightSync:
-    """Drives one vLLM NCCL trainer engine per inference engine, from every learner rank.
+    """Drives vLLM's NCCL trainer engine for the run's one transfer group, from every learner rank.
 
-    Uses vLLM's ``WeightTransferTrainerFactory`` and ``NCCLTrainerInitInfo``
-    (nccl_engine.py). Rank 0 opens each group and broadcasts; other ranks hold
-    no communicator but still iterate the source, since the ZeRO-3 gathers need
-    them. Engines are served one after the other: each send re-gathers the
-    model, because a ``WeightSource`` pass feeds exactly one group.
+    Uses vLLM's ``WeightTransferTrainerFactory`` and ``NCCLTrainerInitInfo`` (nccl_engine.py). Rank 0 opens
+    the group and broadcasts; the other ranks hold no communicator but still iterate the source, since the
+    ZeRO-3 gathers need them. A send gathers the model once, whatever the number of engines.
     """
 
     def __init__(
         self,
-        groups: Sequence[TransferGroup],
+        group: TransferGroup,
         *,
         rank: int,
-        clients: Optional[Sequence[Any]] = None,
+        client: Optional[Any] = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        if rank == 0 and (clients is None or len(clients) != len(groups)):
-            raise ValueError("learner rank 0 needs one engine client per transfer group")
-        self.groups = list(groups)
+        if rank == 0 and client is None:
+            raise ValueError("learner rank 0 needs a client for the engines (RayEnginesClient)")
+        self.group = group
         self.rank = rank
-        self.clients = list(clients) if rank == 0 else [_NoClient() for _ in self.groups]
+        self.client = client if rank == 0 else _NoClient()
         self.timeout_s = timeout_s
-        self.engines: list[Any] = []
+        self.engine: Optional[Any] = None
 
     # -------------------------------------------------------------- engine side (inside the actor)
     @staticmethod
@@ -321,37 +322,36 @@ class NcclWeightSync:
         return NCCLTrainerInitInfo(**{**group.trainer_init_info, "rank": self.rank})
 
     def connect(self, source: Zero3WeightSource) -> None:
-        """Open every group; rank 0 also makes each engine join its group."""
+        """Open the group; rank 0 also makes every engine join it."""
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
         if source.is_sender != (self.rank == 0):
             raise ValueError(f"source rank {source.rank} does not match learner rank {self.rank}")
-        for group, client in zip(self.groups, self.clients):
-            init_info = self._trainer_init_info(group)
+        init_info = self._trainer_init_info(self.group)
 
-            def init(init_info=init_info, client=client):
-                return WeightTransferTrainerFactory.trainer_init(init_info, client=client, source=source)
+        def init():
+            return WeightTransferTrainerFactory.trainer_init(init_info, client=self.client, source=source)
 
-            engine = call_with_timeout(
-                f"trainer_init (engine {group.engine_index}, port {group.master_port})",
-                _on_this_device(init),
-                timeout_s=self.timeout_s,
-            )
-            self.engines.append(engine)
+        where = f"{self.group.master_address}:{self.group.master_port}"
+        try:
+            self.engine = call_with_timeout(f"trainer_init ({where}, {len(self.group.engine_rank_offsets)} engines)",
+                                            _on_this_device(init), timeout_s=self.timeout_s)
+        except TimeoutError as err:
+            raise TimeoutError(
+                f"{err}. Every generator node must reach {where} (TCP) on learner rank 0's node "
+                "(learner.transfer_port fixes it), and NCCL's own connections between those nodes; on nodes with "
+                "several network interfaces name the shared one (cluster.env_vars: NCCL_SOCKET_IFNAME). "
+                "cluster/README.md lists the ports to open"
+            ) from err
 
     def send(self) -> None:
         """Push the current weights to every engine (all learner ranks call this together)."""
-        if len(self.engines) != len(self.groups):
+        if self.engine is None:
             raise RuntimeError("NcclWeightSync.send() before connect()")
-        for group, engine in zip(self.groups, self.engines):
-            call_with_timeout(
-                f"send_weights (engine {group.engine_index})",
-                _on_this_device(engine.send_weights),
-                timeout_s=self.timeout_s,
-            )
+        call_with_timeout("send_weights", _on_this_device(self.engine.send_weights), timeout_s=self.timeout_s)
 
     def close(self) -> None:
-        """Destroy the trainer-side communicators."""
-        for engine in self.engines:
-            engine.shutdown()
-        self.engines = []
+        """Destroy the trainer-side communicator."""
+        if self.engine is not None:
+            self.engine.shutdown()
+        self.engine = None

@@ -89,6 +89,16 @@ def test_custom_resources_are_checked_by_name_and_amount():
     assert "'rollout.resources'" in error_of("rollout.resources={engine_node: 0}")
 
 
+def test_networking_keys_are_checked_by_name_and_port():
+    config = load_config("smoke", ["cluster.env_vars={NCCL_SOCKET_IFNAME: eth0, NCCL_IB_DISABLE: 1}",
+                                   "learner.rendezvous_port=29500", "learner.transfer_port=29501"])
+    assert config.cluster.env_vars == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_DISABLE": "1"}  # text, as the env holds
+    assert "'NCCL-IFNAME' is not an environment variable name" in error_of("cluster.env_vars={NCCL-IFNAME: eth0}")
+    assert "'learner.rendezvous_port'" in error_of("learner.rendezvous_port=70000")
+    both = error_of("learner.rendezvous_port=29500", "learner.transfer_port=29500")
+    assert "learner.rendezvous_port and learner.transfer_port are both 29500" in both
+
+
 def test_a_retired_hub_dataset_is_refused_with_where_its_data_lives_now():
     message = error_of("data.train={type: hf, name: hendrycks/competition_math, preset: math}")
     assert "'data.train.name'" in message and "DigitalLearningGmbH/MATH-lighteval" in message
@@ -99,6 +109,19 @@ def test_the_gpu_math_recipe_trains_on_maintained_math_and_evaluates_on_math500(
     assert (config.data.train.name, config.data.train.split, config.data.train.preset) == (
         "DigitalLearningGmbH/MATH-lighteval", "train", "math")
     assert (config.data.eval.name, config.data.eval.preset) == ("HuggingFaceH4/MATH-500", "math500")
+
+
+def test_the_gpu_math_recipe_is_pags_score_setting():
+    """PAG's SCoRe run on Qwen2.5-1.5B-Instruct (arXiv 2506.10406): lr 1e-6, 512 prompts x 4 samples, 2,048
+    tokens a turn, Stage I 20 and Stage II 40 epochs of MATH's 7,500 problems, alpha 1; ZeRO-2 (fits whole)."""
+    config = load_config("gpu_math_qwen2.5_1.5b.yaml")
+    rollout, schedule = config.rollout, config.algo.schedule
+    assert (config.learner.lr, rollout.prompts_per_iteration, rollout.samples_per_prompt) == (1e-6, 512, 4)
+    assert (rollout.max_tokens_turn1, rollout.max_tokens_turn2, config.algo.alpha) == (2048, 2048, 1.0)
+    per_epoch = 7500 / rollout.prompts_per_iteration
+    assert (schedule.stage1_iterations, schedule.stage2_iterations) == (round(20 * per_epoch), round(40 * per_epoch))
+    assert config.learner.zero_stage == 2 and config.learner.micro_batch_tokens == 16384
+    assert rollout.max_model_len >= 2 * 2048 + 1024  # both turns, the instruction and a long problem
 
 
 def test_same_generated_split_for_train_and_eval_is_refused():

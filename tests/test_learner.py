@@ -1,7 +1,8 @@
 """score_ray.learner without a process group: dealing samples to ranks in token-bounded micro-batches,
 and collating them so every per-position field lines up with the log-probs."""
 
-from score_ray.learner import collate, deal_by_trunk, deal_to_ranks, deepspeed_config, micro_batch_indices
+from score_ray.learner import deal_by_trunk, deal_to_ranks, micro_batch_indices
+from score_ray.learner_rank import collate, deepspeed_config
 from score_ray.samples import POSITION_FIELDS, LearnerSample
 
 

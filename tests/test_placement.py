@@ -1,5 +1,7 @@
 """score_ray.placement without a cluster: what a run asks Ray for, and free ports."""
 
+import pytest
+
 from score_ray.config import load_config
 from score_ray.placement import free_ports, reference_gpus, resource_needs
 
@@ -37,3 +39,26 @@ def test_free_ports_are_distinct_and_bindable():
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("", port))
+
+
+def test_a_configured_port_is_used_when_free_and_named_when_taken():
+    import socket
+
+    from score_ray.learner import port_on_this_node
+
+    port = free_ports(1)[0]
+    assert port_on_this_node(port, "learner.rendezvous_port") == port
+    assert port_on_this_node(0, "learner.rendezvous_port") > 0  # 0: any free port
+    with socket.socket() as taken:
+        taken.bind(("", port))
+        taken.listen()
+        with pytest.raises(RuntimeError, match=f"learner.transfer_port={port} is taken on learner rank 0's node"):
+            port_on_this_node(port, "learner.transfer_port")
+
+
+def test_cluster_env_vars_become_every_actors_runtime_env():
+    from score_ray.placement import actor_runtime_env
+
+    assert actor_runtime_env(load_config("smoke")) is None
+    config = load_config("smoke", ["cluster.env_vars={NCCL_SOCKET_IFNAME: eth0}"])
+    assert actor_runtime_env(config) == {"env_vars": {"NCCL_SOCKET_IFNAME": "eth0"}}

@@ -1,4 +1,4 @@
-"""The GPU weight-sync path's pure parts, on CPU: the transfer groups' layout, the deadlines, the engine-side
+"""The GPU weight-sync path's pure parts, on CPU: the transfer group's layout, the deadlines, the engine-side
 call order and the engine's memory budget (the ZeRO-3 weight source itself: tests/system/test_zero3_weight_source.py)."""
 
 import subprocess
@@ -11,48 +11,42 @@ import pytest
 from score_ray.weight_sync_gpu import NcclWeightSync, call_with_timeout, transfer_layout
 
 
-def test_rank_layout_for_three_engines_of_tp2():
-    groups = transfer_layout(3, 2, "10.0.0.5")
-    assert [g.engine_index for g in groups] == [0, 1, 2]
-    assert len({g.master_port for g in groups}) == 3  # one port per group
-    for group in groups:
-        assert group.master_address == "10.0.0.5"
-        assert group.world_size == 3 and group.trainer_rank == 0 and group.worker_ranks == (1, 2)
-        assert group.trainer_init_info == {
-            "master_address": "10.0.0.5",
-            "master_port": group.master_port,
-            "world_size": 3,
-            "packed": True,
-            "packed_buffer_size_bytes": 256 * 2**20,
-            "packed_num_buffers": 2,
-            "rank": 0,
-        }
-    # Within a group no two processes share a rank; across groups only ports must differ.
-    for group in groups:
-        ranks = [group.trainer_rank, *group.worker_ranks]
-        assert sorted(ranks) == list(range(group.world_size))
-    endpoints = {(g.master_port, r) for g in groups for r in (g.trainer_rank, *g.worker_ranks)}
-    assert len(endpoints) == 9
-
+def test_one_group_holds_every_engines_workers_after_the_sender():
+    group = transfer_layout(3, 2, "10.0.0.5", 29555)
+    assert (group.master_address, group.master_port, group.world_size) == ("10.0.0.5", 29555, 7)
+    assert group.engine_rank_offsets == (1, 3, 5) and group.workers_per_engine == 2
+    # the sender at 0, then each engine's workers: every NCCL rank taken exactly once
+    ranks = [0] + [rank for index in range(3) for rank in group.engine_ranks(index)]
+    assert ranks == list(range(group.world_size))
+    assert group.trainer_init_info == {
+        "master_address": "10.0.0.5", "master_port": 29555, "world_size": 7, "packed": True,
+        "packed_buffer_size_bytes": 256 * 2**20, "packed_num_buffers": 2, "rank": 0,
+    }
+    # tensor x pipeline parallel workers per engine
+    assert transfer_layout(2, 2, "10.0.0.5", 29555, pipeline_parallel_size=2).engine_rank_offsets == (1, 5)
 
 
 def test_layout_dicts_are_what_vllms_init_info_classes_accept():
+    from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-    group = transfer_layout(2, 4, "127.0.0.1", ports=[30001, 30002], buffer_bytes=64 * 2**20)[1]
+    group = transfer_layout(2, 4, "127.0.0.1", 30002, buffer_bytes=64 * 2**20)
     trainer = NCCLTrainerInitInfo(**group.trainer_init_info)
-    assert (trainer.master_port, trainer.world_size, trainer.packed, trainer.is_sender) == (30002, 5, True, True)
+    assert (trainer.master_port, trainer.world_size, trainer.packed, trainer.is_sender) == (30002, 9, True, True)
     assert (trainer.packed_buffer_size_bytes, trainer.packed_num_buffers) == (64 * 2**20, 2)
     assert trainer.backend == "nccl"
+    # what an engine is handed: vLLM's own worker-side info, with this engine's offset
+    worker = NCCLWeightTransferInitInfo(master_address="127.0.0.1", master_port=30002, world_size=9,
+                                        rank_offset=group.engine_rank_offsets[1])
+    assert worker.rank_offset == 5
 
 
-
-def test_layout_rejects_bad_ports():
-    with pytest.raises(ValueError, match="distinct ports"):
-        transfer_layout(2, 2, "127.0.0.1", ports=[30001, 30001])
-    with pytest.raises(ValueError, match="distinct ports"):
-        transfer_layout(3, 2, "127.0.0.1", ports=[30001, 30002])
-
+def test_layout_rejects_a_bad_port_or_shape():
+    for port in (0, 70000):
+        with pytest.raises(ValueError, match="TCP port"):
+            transfer_layout(2, 2, "127.0.0.1", port)
+    with pytest.raises(ValueError, match="at least one engine"):
+        transfer_layout(0, 2, "127.0.0.1", 30001)
 
 
 def test_timeout_names_the_step():
@@ -121,9 +115,14 @@ def test_engine_side_hang_becomes_a_timeout():
 
 
 
-def test_rank_zero_needs_a_client_per_engine():
-    with pytest.raises(ValueError, match="one engine client per transfer group"):
-        NcclWeightSync(transfer_layout(2, 1, "127.0.0.1", ports=[1, 2]), rank=0, clients=[object()])
+def test_rank_zero_needs_a_client_and_the_client_one_actor_per_engine():
+    from score_ray.weight_sync_gpu import RayEnginesClient
+
+    group = transfer_layout(2, 1, "127.0.0.1", 30001)
+    with pytest.raises(ValueError, match="needs a client"):
+        NcclWeightSync(group, rank=0)
+    with pytest.raises(ValueError, match="has 2 engines, got 1 engine actors"):
+        RayEnginesClient([object()], group)
 
 
 
@@ -159,3 +158,49 @@ def test_transfer_buffer_bound_counts_two_chunks_each_allowed_one_tensor_over(tm
     LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
     embedding = 1000 * 64 * 2  # the largest tensor, in bf16
     assert transfer_buffer_bytes(str(tmp_path), "bfloat16", 2**20) == 2 * (2**20 + embedding)
+
+
+def test_the_gather_waits_for_queued_optimiser_writes_before_its_first_tensor(monkeypatch):
+    """The consumer gathers on a stream of its own (vLLM packs on its packing streams), which does not wait for
+    the optimiser's writes on the training stream: the source waits for the device before the first tensor.
+    (Whether the bytes then match is bench/gpu/learner_gpu.py's side-stream check, on a GPU.)"""
+    import torch
+
+    from score_ray import weight_gather
+
+    events = []
+    monkeypatch.setattr(weight_gather, "wait_for_pending_writes", lambda: events.append("wait"))
+    source = weight_gather.GatheredWeights(torch.nn.Linear(2, 2), torch.float32)
+    for name, _ in source:
+        events.append(name)
+    assert events == ["wait", "weight", "bias"]
+
+
+def test_engines_that_never_reach_the_transfer_port_fail_in_time_naming_the_keys():
+    """vLLM's own trainer endpoint opens the group's TCPStore on rank 0 and waits for the engines: when they
+    never arrive (a firewall, the wrong interface) the deadline names the address, the port and the keys."""
+    import torch
+
+    from score_ray.placement import free_ports
+    from score_ray.weight_sync_gpu import Zero3WeightSource
+
+    class EnginesThatNeverJoin:
+        def __init__(self):
+            self.release = threading.Event()
+
+        def init_weight_transfer_engine(self, init_info):
+            self.release.wait()
+
+        def start_weight_update(self, *args):
+            pass
+
+        update_weights = finish_weight_update = start_weight_update
+
+    port = free_ports(1)[0]
+    client = EnginesThatNeverJoin()
+    sync = NcclWeightSync(transfer_layout(2, 1, "127.0.0.1", port), rank=0, client=client, timeout_s=2)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=rf"127\.0\.0\.1:{port}.*learner\.transfer_port.*NCCL_SOCKET_IFNAME"):
+        sync.connect(Zero3WeightSource(torch.nn.Linear(2, 2), torch.float32))
+    assert time.monotonic() - start < 30
+    client.release.set()

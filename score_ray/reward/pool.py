@@ -37,13 +37,14 @@ class RewardActor:
 class RewardPool:
     """``config.workers`` reward actors; ``chunk_size`` requests go to an actor at a time."""
 
-    def __init__(self, config: RewardConfig = RewardConfig(), chunk_size: int = 8, restart_wait_s: float = 300.0):
+    def __init__(self, config: RewardConfig = RewardConfig(), chunk_size: int = 8, restart_wait_s: float = 300.0,
+                 runtime_env: Optional[dict[str, Any]] = None):
         self.chunk_size = chunk_size
         self.restart_wait_s = restart_wait_s
         self.lost_actors = 0
         self.actors = [
             RewardActor.options(num_cpus=config.cpus_per_worker, max_restarts=config.max_restarts,
-                                max_task_retries=config.max_restarts).remote(config)
+                                max_task_retries=config.max_restarts, runtime_env=runtime_env).remote(config)
             for _ in range(config.workers)
         ]
 

@@ -73,6 +73,21 @@ class RecordingClient:
         self.calls.append(("finish",))
 
 
+def counting_source():
+    from score_ray.weight_sync_gpu import Zero3WeightSource
+
+    class Counting(Zero3WeightSource):
+        """Counts full passes over the model: each is one ZeRO-3 gather of every parameter."""
+
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return super().__iter__()
+
+    return Counting
+
+
 def replace_cuda_transport() -> list[RecordingGroup]:
     from vllm.distributed.weight_transfer import nccl_engine, packed_tensor
 
@@ -125,15 +140,17 @@ def main() -> None:
         contract["checked"] = len(checked)
         contract["tensors"] = {name: tensor for name, tensor in checked}
 
-    # 2. The NCCL path: handshake and send through vLLM's trainer engine, both ranks.
+    # 2. The NCCL path: handshake and send through vLLM's trainer engine, both ranks, to two engines of TP 2.
     groups = replace_cuda_transport()
-    layout = transfer_layout(1, 2, "127.0.0.1", ports=[port], buffer_bytes=buffer_bytes)  # never dialled: no NCCL here
+    layout = transfer_layout(2, 2, "127.0.0.1", port, buffer_bytes=buffer_bytes)  # never dialled: no NCCL here
     client = RecordingClient() if rank == 0 else None
-    sync = NcclWeightSync(layout, rank=rank, clients=[client] if client else None, timeout_s=120)
-    sync.connect(source)
+    sync = NcclWeightSync(layout, rank=rank, client=client, timeout_s=120)
+    counted = counting_source()(engine, torch.bfloat16, rank=rank)
+    sync.connect(counted)
     sync.send()
     sync.send()  # a second round: the source is re-iterable, the same bytes go again
-    result = {"contract": contract, "is_sender": [e.is_sender for e in sync.engines], "opened": len(groups)}
+    result = {"contract": contract, "is_sender": sync.engine.is_sender, "opened": len(groups),
+              "gather_passes": counted.passes}
     if rank == 0:
         from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_consumer
 

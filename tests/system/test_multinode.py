@@ -139,7 +139,7 @@ ray.init()
 rank0 = LearnerWorker.options(num_cpus=0.1, resources={"learner_host": 0.1}).remote(
     0, 2, ModelConfig(path="tiny-random"), LearnerConfig(), AlgoConfig(), 0)
 rendezvous = ray.get(rank0.rendezvous.remote())
-transfer = ray.get(rank0.transfer_endpoints.remote(3))
+transfer = ray.get(rank0.transfer_endpoint.remote())
 
 @ray.remote(num_cpus=0.1, resources={"learner_host": 0.1})
 def bind(ports):  # on the learner's host: every port handed out is free there
@@ -149,12 +149,12 @@ def bind(ports):  # on the learner's host: every port handed out is free there
     return ray.util.get_node_ip_address()
 
 print("PROBE=" + json.dumps({"driver": ray.util.get_node_ip_address(), "rendezvous": rendezvous,
-                             "transfer": transfer, "bound_on": ray.get(bind.remote([rendezvous[1], *transfer[1]]))}))
+                             "transfer": transfer, "bound_on": ray.get(bind.remote([rendezvous[1], transfer[1]]))}))
 """
 
 
 def test_the_rendezvous_and_transfer_ports_come_from_rank_zeros_host(cluster):
-    """What learner rank 0 hands out for the DeepSpeed rendezvous and the NCCL transfer groups is its own
+    """What learner rank 0 hands out for the DeepSpeed rendezvous and the NCCL transfer group is its own
     host's address and ports free there, not the driver's (the CPU-only head, where nothing listens)."""
     command = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT), "--",
                sys.executable, "-c", PROBE]
@@ -166,7 +166,7 @@ def test_the_rendezvous_and_transfer_ports_come_from_rank_zeros_host(cluster):
     learner, head = learner_host.address, cluster.head.address
     assert found["driver"] == head
     assert found["rendezvous"][0] == learner and found["transfer"][0] == learner
-    assert len(set(found["transfer"][1])) == 3 and found["bound_on"] == learner
+    assert found["rendezvous"][1] != found["transfer"][1] and found["bound_on"] == learner
 
 
 def test_a_lost_learner_host_is_replaced_inside_the_job_and_with_none_back_the_job_stops_resumably(

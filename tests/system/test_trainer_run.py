@@ -19,7 +19,7 @@ PERF_KEYS = ["perf/rollout_seconds", "perf/grading_seconds", "perf/reference_sec
 # the weights move: later iterations' KL then depends on every weight sync and checkpoint being right.
 COMMON = ["--config", "configs/smoke.yaml", "eval.at_start=true", "eval.every=1", "data.eval.count=8",
           "checkpoint.every=1", "checkpoint.keep=2", "algo.schedule.stage2_iterations=2", "algo.kl_estimator=k1",
-          "learner.lr=1e-3"]
+          "learner.lr=1e-3", "cluster.env_vars={GLOO_SOCKET_IFNAME: lo}"]
 
 
 def read_rows(run_dir):
@@ -58,6 +58,10 @@ def test_smoke_run_writes_every_metric(uninterrupted, tmp_path):
     assert summary["iterations"] == 3 and all(key in summary["final_eval"] for key in EVAL_KEYS)
     assert summary["skipped_steps"] == 0 and summary["generator_restarts"] == 0
     assert (run_dir / "final_model" / "model.safetensors").is_file()
+    # cluster.env_vars reached every actor (the learner's gloo group really bound the loopback interface)
+    placed = json.loads((run_dir / "nodes.json").read_text())["placements"][0]
+    roles = [*placed["learner_ranks"], placed["reference"], *placed["generators"], *placed["reward_actors"]]
+    assert [role["collectives_env"].get("GLOO_SOCKET_IFNAME") for role in roles] == ["lo"] * len(roles)
     assert (run_dir / "eval_accuracy.png").is_file() and (run_dir / "train_rewards.png").is_file()
     assert "Acc@t1" in first.stdout and "Delta_c->i" in first.stdout
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["iter-000002", "iter-000003"]

@@ -143,14 +143,14 @@ def test_non_sender_rank_runs_vllms_trainer_engine_without_nccl(zero3):
     # A rank other than 0 never opens the NCCL group: vLLM's trainer engine only
     # replays the source so the ZeRO-3 gathers stay in step, which runs on CPU.
     _, engine = zero3
-    groups = transfer_layout(2, 1, "127.0.0.1", ports=[29601, 29602])
-    sync = NcclWeightSync(groups, rank=1, timeout_s=60)
+    group = transfer_layout(2, 1, "127.0.0.1", 29601)
+    sync = NcclWeightSync(group, rank=1, timeout_s=60)
     sync.connect(Zero3WeightSource(engine, torch.bfloat16, rank=1))
-    assert len(sync.engines) == 2 and not any(e.is_sender for e in sync.engines)
+    assert not sync.engine.is_sender
     sync.send()
     sync.close()
     with pytest.raises(ValueError, match="does not match"):
-        NcclWeightSync(groups, rank=1).connect(Zero3WeightSource(engine, torch.bfloat16, rank=0))
+        NcclWeightSync(group, rank=1).connect(Zero3WeightSource(engine, torch.bfloat16, rank=0))
 
 
 # ----------------------------------------------------------------------------- two ranks through vLLM's own trainer engine
@@ -208,12 +208,15 @@ def test_two_zero3_ranks_satisfy_the_installed_vllms_weight_source_contract(two_
 
 def test_vllms_trainer_engine_sends_every_weight_to_the_engine_side_as_declared(two_rank_nccl_path):
     (rank0, rank1), weights = two_rank_nccl_path
-    # Only rank 0 opens a transfer group and talks to the engine; rank 1 only joins the gathers.
-    assert rank0["is_sender"] == [True] and rank0["opened"] == 1
-    assert rank1["is_sender"] == [False] and rank1["opened"] == 0
-    # The handshake the engine receives: its rank offset, the group's size, our buffer settings.
+    # Only rank 0 opens the transfer group and talks to the engines; rank 1 only joins the gathers.
+    assert rank0["is_sender"] and rank0["opened"] == 1
+    assert not rank1["is_sender"] and rank1["opened"] == 0
+    # Two engines, two sends: the model was gathered once per send on both ranks, not once per engine.
+    assert rank0["gather_passes"] == rank1["gather_passes"] == 2
+    # The handshake vLLM's trainer engine makes: the group's size for two engines of TP 2 and our buffer
+    # settings (RayEnginesClient then gives each engine its own rank offset: test_engines_client_*).
     init = rank0["init"]
-    assert (init["master_address"], init["rank_offset"], init["world_size"]) == ("127.0.0.1", 1, 3)
+    assert (init["master_address"], init["rank_offset"], init["world_size"]) == ("127.0.0.1", 1, 5)
     assert (init["packed"], init["packed_buffer_size_bytes"], init["packed_num_buffers"]) == (True, 40_000, 2)
     # Two rounds, each start -> update -> finish, after one init.
     assert rank0["calls"] == ["init", "start", "update", "finish", "start", "update", "finish"]
@@ -228,3 +231,77 @@ def test_vllms_trainer_engine_sends_every_weight_to_the_engine_side_as_declared(
     assert rank0["replay_left"] == 0
     assert rank0["received_order"] == list(weights)
     assert all(torch.equal(rank0["received"][n], w) for n, w in weights.items())
+
+
+# ----------------------------------------------------------------------------- the engines' client, real Ray actors
+
+
+class Meeting:
+    """Like an NCCL rendezvous: nobody leaves a step until every engine has arrived at it."""
+
+    def __init__(self, expected):
+        self.expected, self.arrived, self.everyone = expected, {}, {}
+
+    async def arrive(self, step):
+        import asyncio
+
+        self.arrived[step] = self.arrived.get(step, 0) + 1
+        event = self.everyone.setdefault(step, asyncio.Event())
+        if self.arrived[step] == self.expected:
+            event.set()
+        await event.wait()
+
+
+class RecordingEngine:
+    """What a generator's weight_sync_init / weight_sync_update receive, meeting the other engines in each."""
+
+    def __init__(self, meeting):
+        self.meeting, self.calls = meeting, []
+
+    def weight_sync_init(self, init_info):
+        import ray
+
+        self.calls.append(("init", init_info))
+        ray.get(self.meeting.arrive.remote("init"))
+
+    def weight_sync_update(self, update_info):
+        import ray
+
+        self.calls.append(("update", update_info))
+        ray.get(self.meeting.arrive.remote("update"))
+
+    def recorded(self):
+        return self.calls
+
+
+def test_engines_client_gives_each_engine_its_ranks_and_calls_them_all_at_once(ray_local):
+    """One transfer group for three engines of TP 2: each engine joins at its own rank offset, and every call
+    reaches all engines together (their workers meet the sender inside one NCCL call; an engine served after
+    another would wait for ever)."""
+    import ray
+    from ray import cloudpickle
+
+    from score_ray.weight_sync_gpu import RayEnginesClient
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors' classes live in this test file
+    meeting = ray.remote(num_cpus=0)(Meeting).remote(3)
+    engines = [ray.remote(num_cpus=0)(RecordingEngine).remote(meeting) for _ in range(3)]
+    group = transfer_layout(3, 2, "127.0.0.1", 29611)
+    client = RayEnginesClient(engines, group, timeout_s=60)
+    # what vLLM's trainer engine hands the client: its worker-side info, always at rank offset 1
+    client.init_weight_transfer_engine({"master_address": "127.0.0.1", "master_port": 29611, "world_size": 7,
+                                        "rank_offset": 1, "packed": True})
+    update = {"names": ["w"], "dtype_names": ["bfloat16"], "shapes": [[2]]}
+    client.update_weights(update)
+    calls = ray.get([engine.recorded.remote() for engine in engines])
+    assert [[step for step, _ in engine_calls] for engine_calls in calls] == [["init", "update"]] * 3
+    offsets = [engine_calls[0][1]["rank_offset"] for engine_calls in calls]
+    assert offsets == [1, 3, 5] and all(engine_calls[0][1]["world_size"] == 7 for engine_calls in calls)
+    assert all(engine_calls[1][1] == update for engine_calls in calls)
+
+    # one engine short of a meeting of three: the call times out and names the engines that never returned
+    short = ray.remote(num_cpus=0)(Meeting).remote(3)
+    two = [ray.remote(num_cpus=0)(RecordingEngine).remote(short) for _ in range(2)]
+    stuck = RayEnginesClient(two, transfer_layout(2, 2, "127.0.0.1", 29612), timeout_s=3)
+    with pytest.raises(TimeoutError, match=r"engine update_weights.*engines \[0, 1\]"):
+        stuck.update_weights(update)
