@@ -59,7 +59,7 @@ class ActorGroup:
                                    resources=dict(rollout.resources), max_restarts=rollout.max_restarts,
                                    max_task_retries=0, runtime_env=actor_runtime_env(config)).remote(
                 config.model, rollout, config.prompts, config.run.seed + index, uses_nccl(config),
-                learner.nccl_buffer_mb * 2**20,
+                learner.nccl_buffer_mb * 2**20, learner.lora if learner.trainable == "lora" else None,
             )
             for index in range(rollout.num_generators)
         ]
@@ -103,11 +103,12 @@ class ActorGroup:
 
     # ------------------------------------------------------------------ placement
     def _start_reference(self):
-        """The frozen reference's actor; None when the learner ranks serve it (learner.share_trunk)."""
+        """The frozen reference's actor; None when the learner ranks serve it (learner.share_trunk, or the base
+        weights with the adapter off under trainable=lora)."""
         from score_ray.reference import ReferenceActor
 
         learner = self.config.learner
-        if learner.shares_trunk:
+        if learner.serves_reference:
             return None
         return ReferenceActor.options(num_cpus=learner.cpus_per_rank, num_gpus=reference_gpus(self.config),
                                       resources=dict(learner.resources),
@@ -135,7 +136,9 @@ class ActorGroup:
             "reason": reason,
             "learner_ranks": self.learner.nodes,
             "reference": (gather([self.reference.ready.remote()], "reference")[0] if self.reference is not None
-                          else {**self.learner.nodes[0], "served_by": "learner ranks (learner.share_trunk)"}),
+                          else {**self.learner.nodes[0], "served_by": "learner ranks (" + (
+                              "the base weights, adapter off" if self.config.learner.trainable == "lora"
+                              else "learner.share_trunk") + ")"}),
             "generators": [self._node_of(g) for g in self.generators],
             "reward_actors": self.pool.nodes(),
         }

@@ -408,6 +408,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     tiny.add_argument("--hidden-size", type=int, default=128)
     tiny.add_argument("--layers", type=int, default=2)
     sub.add_parser("prebuild-deepspeed", help="compile DeepSpeed's CPU comm extension into the cache")
+    merge = sub.add_parser("merge", help="a LoRA run's adapter merged into its base model: a Hugging Face folder")
+    merge.add_argument("target", help="a run folder (config.yaml, final_model/) or a LoRA adapter folder")
+    merge.add_argument("--base", default=None, help="the base model (default: the run's model.path, or the "
+                       "adapter's base_model_name_or_path)")
+    merge.add_argument("--output", type=Path, default=None, help="default: RUN/final_model_merged, or ADAPTER-merged")
     verify = sub.add_parser("verify", help="greedy outputs of transformers and vLLM, token for token")
     verify.add_argument("model", help="'smollm2', 'organism', 'tiny-random' or a model folder")
     verify.add_argument("--max-tokens", type=int, default=32)
@@ -421,6 +426,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(ensure_organism(quiet=args.quiet))
     elif args.command == "tiny":
         print(ensure_tiny_model(hidden_size=args.hidden_size, num_layers=args.layers))
+    elif args.command == "merge":
+        from score_ray.lora import merged_model
+
+        try:
+            print(merged_model(Path(args.target), args.base, args.output))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"score_ray.assets merge: {err}", file=sys.stderr)
+            return 2
     elif args.command == "verify":
         result = compare_greedy(resolve_model_path(args.model), max_tokens=args.max_tokens)
         if args.json:

@@ -368,6 +368,21 @@ class AlgoConfig(_Strict):
         return data
 
 
+class LoraConfig(_Strict):
+    """learner.trainable=lora: the adapter peft puts on the learner's model and vLLM serves beside the base."""
+
+    rank: int = Field(16, ge=1, le=512, description="adapter rank r (vLLM serves up to 512)")
+    alpha: float = Field(32.0, gt=0.0, description="scale: the update is alpha / rank x B A")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="on the adapter's input in training; vLLM has none, so above 0 the learner's "
+        "log-probs are not the sampler's"
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="the linear layers that get an adapter (Llama / Qwen names: attention and MLP)",
+    )
+
+
 class LearnerConfig(_Strict):
     num_ranks: int = Field(1, ge=1)
     zero_stage: Literal[2, 3] = 2
@@ -380,8 +395,12 @@ class LearnerConfig(_Strict):
         "and the reference: bounds that memory (about 4 x this x vocabulary x 4 bytes) whatever micro_batch_tokens is"
     )
     gradient_checkpointing: bool = False
-    trainable: Literal["all", "top_layers"] = "all"
+    trainable: Literal["all", "top_layers", "lora"] = Field(
+        "all", description="all weights; the last trainable_top_layers blocks; or a LoRA adapter (learner.lora), "
+        "whose base weights with the adapter off are the reference"
+    )
     trainable_top_layers: int = Field(2, ge=1)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     share_trunk: bool = Field(
         True, description="trainable=top_layers with ZeRO-2: the learner ranks also compute the reference's "
         "log-probs, from one pass through the frozen blocks both share (no reference actor); false: a "
@@ -425,6 +444,12 @@ class LearnerConfig(_Strict):
         rank, i.e. not partitioned by ZeRO-3."""
         return self.share_trunk and self.trainable == "top_layers" and self.zero_stage == 2
 
+    @property
+    def serves_reference(self) -> bool:
+        """The learner ranks compute the reference's log-probs (no reference actor): through the shared trunk, or
+        with trainable=lora as their own base weights with the adapter off."""
+        return self.shares_trunk or self.trainable == "lora"
+
     @field_validator("gpus_per_rank")
     @classmethod
     def _one_gpu_per_rank(cls, value: float) -> float:
@@ -439,6 +464,20 @@ class LearnerConfig(_Strict):
     @classmethod
     def _custom_only(cls, value: dict[str, float]) -> dict[str, float]:
         return _custom_resources(value)
+
+    @model_validator(mode="after")
+    def _lora_keys(self) -> "LearnerConfig":
+        if self.trainable != "lora":
+            return self
+        if self.reference_gpus is not None:
+            raise ValueError(
+                "learner.reference_gpus is set but learner.trainable=lora has no reference actor to place: the reference "
+                "is the learner's own base weights with the adapter off; drop learner.reference_gpus"
+            )
+        if self.weight_sync == "nccl":
+            raise ValueError("learner.weight_sync=nccl sends whole weights into the engines; with learner.trainable=lora "
+                             "only the adapter (a few MB) goes, through the object store: use learner.weight_sync=auto")
+        return self
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "LearnerConfig":

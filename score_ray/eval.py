@@ -51,6 +51,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if (target / "config.yaml").is_file() and (target / "final_model").is_dir():
         config_file = config_file or str(target / "config.yaml")
         model_path = str(target / "final_model")
+    from score_ray.lora import is_adapter_folder, merged_model
+
+    if is_adapter_folder(model_path):  # a LoRA run's model: its adapter merged into the base, once
+        adapter_of = target if (target / "final_model").is_dir() else Path(model_path)
+        try:
+            model_path = str(merged_model(adapter_of))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"score_ray.eval: {err}", file=sys.stderr)
+            return 2
     try:
         config = load_config(config_file, args.overrides + [f"model.path={model_path}"])
     except ConfigError as err:

@@ -216,6 +216,7 @@ class LearnerGroup:
             self.shutdown()  # a half-built group must not hold its placement
             raise
         self.max_tokens = learner.micro_batch_tokens
+        self.adapter = learner.trainable == "lora"  # the reference is the base weights, the adapter off
         self.trunk_shares: Optional[list[list[int]]] = None  # rows each rank kept in the last reference pass
 
     def train_step(self, samples: Sequence[LearnerSample], off_policy: bool = False,
@@ -254,10 +255,13 @@ class LearnerGroup:
 
     def reference_logprobs(self, sequences: list[list[int]], select: list[list[float]],
                            temperature: PositionTemperatures = 1.0) -> ReferenceLogprobs:
-        """The reference's log-probs from the ranks' shared trunk (learner.share_trunk), in the order given:
-        sequence i is row i of this pass, scored (and its trunk kept) by the rank it is dealt to."""
-        shares = deal_to_ranks([len(s) for s in sequences], len(self.workers))
+        """The reference's log-probs from the ranks themselves, in the order given: with trainable=lora their base
+        weights with the adapter off; else their shared trunk (learner.share_trunk), where sequence i is row i of
+        this pass, scored (and its trunk kept) by the rank it is dealt to."""
         per_position = not isinstance(temperature, (int, float))
+        if self.adapter:
+            return self._adapter_off_logprobs(sequences, select, temperature, per_position)
+        shares = deal_to_ranks([len(s) for s in sequences], len(self.workers))
         results = call_ranks(self.workers, "reference_logprobs", per_rank=[(
             [sequences[i] for i in share], share, [select[i] for i in share],
             [temperature[i] for i in share] if per_position else temperature,
@@ -269,6 +273,20 @@ class LearnerGroup:
                 merged[index] = logp
         return ReferenceLogprobs(merged, compute_seconds=max(result.compute_seconds for result in results),
                                  trunk_rows=list(range(len(sequences))))
+
+    def _adapter_off_logprobs(self, sequences: list[list[int]], select: list[list[float]],
+                              temperature: PositionTemperatures, per_position: bool) -> ReferenceLogprobs:
+        """Dealt to the ranks and cut into micro-batches as a training step is, so every rank runs as many forwards."""
+        per_rank = micro_batch_indices([len(s) for s in sequences], len(self.workers), self.max_tokens)
+        work = [[([sequences[i] for i in batch], [select[i] for i in batch],
+                  [temperature[i] for i in batch] if per_position else temperature) for batch in batches]
+                for batches in per_rank]
+        results = call_ranks(self.workers, "adapter_off_logprobs", per_rank=[(mine,) for mine in work])
+        merged: list[list[float]] = [[] for _ in sequences]
+        for batches, result in zip(per_rank, results):
+            for index, logp in zip([i for batch in batches for i in batch], result.logps):
+                merged[index] = logp
+        return ReferenceLogprobs(merged, compute_seconds=max(result.compute_seconds for result in results))
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         # Every rank must join a ZeRO-3 forward; rank 0's answer is kept.

@@ -22,10 +22,15 @@ from score_ray.shared_trunk import SharedTrunk
 
 
 def trainable_names(model, mode: str, top_layers: int) -> set[str]:
-    """Names of the parameters a learner trains: all, or the last ``top_layers`` blocks + final norm."""
+    """Names of the parameters a learner trains: all, the last ``top_layers`` blocks + final norm, or a LoRA
+    adapter's (the model already wrapped by score_ray.lora.with_adapter)."""
+    from score_ray.lora import is_adapter_parameter
+
     names = [name for name, _ in model.named_parameters()]
     if mode == "all":
         return set(names)
+    if mode == "lora":
+        return {name for name in names if is_adapter_parameter(name)}
     layers = model.config.num_hidden_layers
     keep = {f".layers.{index}." for index in range(max(0, layers - top_layers), layers)}
     return {name for name in names if any(tag in name for tag in keep) or name.endswith("model.norm.weight")}
@@ -84,6 +89,10 @@ class LearnerRank:
 
         learner = self.learner
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        if learner.trainable == "lora":
+            from score_ray.lora import with_adapter
+
+            model = with_adapter(model, learner.lora)
         keep = trainable_names(model, learner.trainable, learner.trainable_top_layers)
         for name, param in model.named_parameters():
             param.requires_grad_(name in keep)
@@ -204,6 +213,30 @@ class LearnerRank:
         logps = self.shared_trunk.reference_logprobs(self.engine.module, sequences, rows, select, temperature,
                                                      self.pad_id, self.learner.micro_batch_tokens,
                                                      self.learner.logprob_chunk_tokens)
+        return ReferenceLogprobs(logps, compute_seconds=time.monotonic() - start)
+
+    def adapter_off_logprobs(self, batches: Sequence[tuple[list[list[int]], list[list[float]], PositionTemperatures]]
+                             ) -> ReferenceLogprobs:
+        """trainable=lora: the reference's log-probs, the base weights with the adapter off, of this rank's
+        micro-batches (sequences, their selected positions, temperatures), in order. Every rank is given the same
+        number of micro-batches (ZeRO-3 gathers inside each forward); an empty one still runs a forward."""
+        import torch
+
+        from score_ray.modeling import sequence_logprobs
+
+        start = time.monotonic()
+        self.engine.eval()
+        logps: list[list[float]] = []
+        with torch.no_grad(), self.engine.module.disable_adapter():
+            for sequences, select, temperature in batches:
+                if not sequences:
+                    pad = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.engine.device)
+                    self.engine(input_ids=pad, attention_mask=torch.ones_like(pad), use_cache=False)
+                    continue
+                # one forward for the whole micro-batch, as the group cut it
+                width = max(len(s) for s in sequences) * len(sequences)
+                logps += sequence_logprobs(self.engine, sequences, self.pad_id, max_tokens=width, select=select,
+                                           temperature=temperature, chunk_tokens=self.learner.logprob_chunk_tokens)
         return ReferenceLogprobs(logps, compute_seconds=time.monotonic() - start)
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:

@@ -85,8 +85,8 @@ def reference_gpus(config: Config) -> float:
 
 
 def reference_actors(config: Config) -> int:
-    """1, or 0 when the learner ranks serve the reference (learner.share_trunk)."""
-    return 0 if config.learner.shares_trunk else 1
+    """1, or 0 when the learner ranks serve the reference (learner.share_trunk, trainable=lora)."""
+    return 0 if config.learner.serves_reference else 1
 
 
 def resource_needs(config: Config) -> dict[str, float]:

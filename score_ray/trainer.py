@@ -85,7 +85,7 @@ def train(config: Config, run_dir: Path) -> int:
     resuming = config.run.resume and bool(whole_checkpoints(run_dir))
     print(f"starting actors: {config.rollout.num_generators} generator(s), {config.learner.num_ranks} learner rank(s) "
           f"(ZeRO-{config.learner.zero_stage}), "
-          f"{'the reference on the learner ranks' if config.learner.shares_trunk else '1 reference'}, "
+          f"{'the reference on the learner ranks' if config.learner.serves_reference else '1 reference'}, "
           f"{config.reward.workers} reward actor(s)", flush=True)
     actors = ActorGroup(config, run_dir)
     trainer = None

@@ -21,8 +21,11 @@ from score_ray.records import SyncStats
 
 
 def uses_nccl(config: Config) -> bool:
-    """learner.weight_sync: auto picks NCCL when both the learner and the engines have GPUs."""
+    """learner.weight_sync: auto picks NCCL when both the learner and the engines have GPUs, for whole weights; a LoRA
+    adapter (a few MB) always goes through the object store."""
     choice = config.learner.weight_sync
+    if config.learner.trainable == "lora":
+        return False
     on_gpu = config.rollout.gpus_per_generator > 0 and config.learner.gpus_per_rank > 0
     return choice == "nccl" or (choice == "auto" and on_gpu)
 

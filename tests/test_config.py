@@ -99,6 +99,22 @@ def test_networking_keys_are_checked_by_name_and_port():
     assert "learner.rendezvous_port and learner.transfer_port are both 29500" in both
 
 
+def test_lora_settles_the_reference_and_the_sync_and_refuses_keys_that_contradict_it():
+    from score_ray.placement import reference_actors
+    from score_ray.weight_sync import uses_nccl
+
+    config = load_config("smoke", ["learner.trainable=lora", "learner.lora={rank: 8, target_modules: [q_proj, v_proj]}"])
+    assert (config.learner.lora.rank, config.learner.lora.alpha) == (8, 32.0)
+    assert config.learner.serves_reference and reference_actors(config) == 0  # no reference actor
+    gpu = load_config("smoke", ["learner.trainable=lora", "learner.gpus_per_rank=1", "rollout.gpus_per_generator=1"])
+    assert not uses_nccl(gpu)  # the adapter (a few MB) goes through the object store, on GPU too
+    assert "learner.reference_gpus is set but learner.trainable=lora" in error_of(
+        "learner.trainable=lora", "learner.reference_gpus=0.2")
+    assert "use learner.weight_sync=auto" in error_of("learner.trainable=lora", "learner.weight_sync=nccl")
+    assert "'learner.lora.rank'" in error_of("learner.trainable=lora", "learner.lora.rank=1024")
+    assert "'learner.lora.rnak'" in error_of("learner.lora.rnak=8")
+
+
 def test_a_retired_hub_dataset_is_refused_with_where_its_data_lives_now():
     message = error_of("data.train={type: hf, name: hendrycks/competition_math, preset: math}")
     assert "'data.train.name'" in message and "DigitalLearningGmbH/MATH-lighteval" in message

@@ -169,6 +169,25 @@ def test_the_rendezvous_and_transfer_ports_come_from_rank_zeros_host(cluster):
     assert found["rendezvous"][1] != found["transfer"][1] and found["bound_on"] == learner
 
 
+def test_a_lora_job_trains_the_adapter_on_one_host_and_serves_it_on_another(cluster):
+    """learner.trainable=lora across hosts: the ranks on gpu-a are the reference too (no reference actor), and each
+    sync's adapter reaches the engine on gpu-b, whose sampled log-probs move away from the reference's."""
+    result = cluster.submit(run_args(cluster, "lora", "learner.trainable=lora"), ROOT, timeout=JOB_TIMEOUT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output[-5000:]
+    run_dir = run_folder(cluster, "lora")
+    placed = json.loads((run_dir / "nodes.json").read_text())["placements"][0]
+    learner, generator = cluster.hosts["gpu-a"].address, cluster.hosts["gpu-b"].address
+    assert [rank["ip"] for rank in placed["learner_ranks"]] == [learner] * 2
+    assert placed["reference"]["served_by"] == "learner ranks (the base weights, adapter off)"
+    assert [g["ip"] for g in placed["generators"]] == [generator]
+    train = [r for r in rows_of(run_dir) if "train/stage" in r]
+    # train/kl_t1 is measured at the engine's sampled tokens: it grows only if the adapter reached the engine
+    assert [r["iteration"] for r in train] == [1, 2, 3]
+    assert train[0]["train/kl_t1"] < 1e-6 < 1e-4 < train[2]["train/kl_t1"]
+    assert (run_dir / "final_model" / "adapter_config.json").is_file()
+
+
 def test_a_lost_learner_host_is_replaced_inside_the_job_and_with_none_back_the_job_stops_resumably(
         cluster, uninterrupted):
     """All of gpu-a's processes are killed right after checkpoint 1 and a new host with the same capacity joins
