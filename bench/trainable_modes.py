@@ -38,6 +38,7 @@ MODES = {
     "lora": ["learner.trainable=lora"],
 }
 ROW_KEYS = {"sync_mb": "perf/sync_mb", "sync_seconds": "perf/sync_seconds", "learner_seconds": "perf/learner_seconds",
+            "rollout_seconds": "perf/rollout_seconds", "reference_seconds": "perf/reference_seconds",
             "iteration_seconds": "perf/iteration_seconds"}
 
 
@@ -95,13 +96,14 @@ def main() -> None:
             print(f"  {mode}: {time.monotonic() - start:.0f}s", flush=True)
     summary = {}
     for mode, runs in measured.items():
-        entry = {name: statistics.median(r[name] for r in runs) for name in ROW_KEYS}
+        entry = {name: statistics.median(r.get(name, 0.0) for r in runs) for name in ROW_KEYS}
         entry["episodes_per_minute"] = episodes / entry["iteration_seconds"] * 60
         for role in ("LearnerWorker", "ReferenceActor", "whole run"):
             entry[f"peak_mb {role}"] = statistics.median(r["peak_mb"].get(role, 0.0) for r in runs)
         summary[mode] = entry
     rows = [("sync MB", "sync_mb", ".2f"), ("sync seconds", "sync_seconds", ".3f"),
-            ("learner step seconds", "learner_seconds", ".2f"), ("iteration seconds", "iteration_seconds", ".2f"),
+            ("learner step seconds", "learner_seconds", ".2f"), ("rollout seconds", "rollout_seconds", ".2f"),
+            ("reference seconds", "reference_seconds", ".2f"), ("iteration seconds", "iteration_seconds", ".2f"),
             ("episodes / minute", "episodes_per_minute", ".1f"),
             ("peak MB, learner ranks", "peak_mb LearnerWorker", ".0f"),
             ("peak MB, reference actor", "peak_mb ReferenceActor", ".0f"), ("peak MB, whole run", "peak_mb whole run", ".0f")]
