@@ -58,6 +58,40 @@ def run_module(*args: str, timeout: float = 600, env: dict | None = None) -> sub
     )
 
 
+def y2_sample(episode, ref, advantage):
+    """A learner sample training y2 alone, with one advantage everywhere."""
+    from score_ray.samples import LearnerSample, position_temperatures
+
+    start, end = episode.turn_span(2)
+    width = len(episode.sequence) - 1
+    mask = [0.0] * start + [1.0] * (end - start)
+    return LearnerSample(input_ids=episode.sequence, loss_mask=mask, advantage=[advantage] * width,
+                         kl_coef=[0.0] * width, old_logp=[0.0] * width, ref_logp=ref,
+                         temperature=position_temperatures(episode))
+
+
+def launch_killed_after_checkpoint(args: list[str], output_dir: Path, iteration: int, timeout: float = 600) -> Path:
+    """Start ``python -m score_ray.launch ARGS run.output_dir=OUTPUT_DIR``, SIGKILL the driver and its Ray the moment
+    checkpoint ``iteration`` is complete (a lost head node mid-run), and return the run folder it left."""
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "score_ray.launch", *args, f"run.output_dir={output_dir}"],
+                               cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline, marker = time.monotonic() + timeout, None
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list(output_dir.glob(f"*/checkpoints/iter-{iteration:06d}/COMPLETE"))
+        if found:
+            marker = found[0]
+            break
+        time.sleep(0.02)
+    kill_tree(process)
+    assert marker is not None, f"the run never wrote checkpoint {iteration}"
+    run_dir = marker.parents[2]
+    assert not (run_dir / "summary.json").exists()  # it really died before finishing
+    return run_dir
+
+
 def kill_tree(process) -> None:
     """SIGKILL a process and everything it started (the driver and its local Ray: a lost head node)."""
     import psutil

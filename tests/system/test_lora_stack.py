@@ -4,6 +4,8 @@ base model plus the adapter each sync brings, and the reference as the learner's
 import numpy as np
 import pytest
 
+from conftest import y2_sample
+
 from score_ray.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -42,17 +44,6 @@ def episodes_of(config, generator, count, samples):
 
     problems, _ = load_problems(config.data.train)
     return ray.get(generator.generate.remote(problems[:count], samples)).episodes
-
-
-def y2_sample(episode, ref, advantage):
-    from score_ray.samples import LearnerSample, position_temperatures
-
-    start, end = episode.turn_span(2)
-    width = len(episode.sequence) - 1
-    mask = [0.0] * start + [1.0] * (end - start)
-    return LearnerSample(input_ids=episode.sequence, loss_mask=mask, advantage=[advantage] * width,
-                         kl_coef=[0.0] * width, old_logp=[0.0] * width, ref_logp=ref,
-                         temperature=position_temperatures(episode))
 
 
 def test_after_every_sync_the_engine_serving_base_plus_adapter_scores_as_the_learner(lora_stack):
@@ -174,29 +165,13 @@ def test_a_killed_lora_run_resumes_to_the_same_metrics(lora_run, tmp_path):
     """The checkpoint holds the adapter and its Adam state: SIGKILL the driver in iteration 3, resume from
     checkpoint 2, and every iteration's metrics equal the uninterrupted run's."""
     import json
-    import subprocess
-    import sys
-    import time
 
-    from conftest import ROOT, assert_same_as_uninterrupted, child_env, kill_tree, run_module
+    from conftest import assert_same_as_uninterrupted, launch_killed_after_checkpoint, run_module
 
     def rows_of(run_dir):
         return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    process = subprocess.Popen([sys.executable, "-m", "score_ray.launch", *RUN, f"run.output_dir={tmp_path}"],
-                               cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline, marker = time.monotonic() + 600, None
-    while time.monotonic() < deadline and process.poll() is None:
-        found = list(tmp_path.glob("smoke-*/checkpoints/iter-000002/COMPLETE"))
-        if found:
-            marker = found[0]
-            break
-        time.sleep(0.02)
-    assert marker is not None, "the run never wrote checkpoint 2"
-    kill_tree(process)
-    run_dir = marker.parents[2]
-    assert not (run_dir / "summary.json").exists()
+    run_dir = launch_killed_after_checkpoint(RUN, tmp_path, 2)
     resumed = run_module("score_ray.launch", *RUN, f"run.output_dir={tmp_path}", "run.resume=true", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from iter-000002: iteration 2" in resumed.stdout

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from conftest import y2_sample
+
 from score_ray.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -44,18 +46,6 @@ def generate(generator, problems, samples):
     import ray
 
     return ray.get(generator.generate.remote(problems, samples)).episodes
-
-
-def sample_for(episode, ref, advantage):
-    """A learner sample training y2 alone, with one advantage everywhere."""
-    from score_ray.samples import LearnerSample, position_temperatures
-
-    start, end = episode.turn_span(2)
-    width = len(episode.sequence) - 1
-    mask = [0.0] * start + [1.0] * (end - start)
-    return LearnerSample(input_ids=episode.sequence, loss_mask=mask, advantage=[advantage] * width,
-                         kl_coef=[0.0] * width, old_logp=[0.0] * width, ref_logp=ref,
-                         temperature=position_temperatures(episode))
 
 
 def trainable_weights(group) -> bytes:
@@ -148,7 +138,7 @@ def test_loss_falls_on_a_fixed_batch_and_weights_sync_every_step(stack):
     episodes = generate(generator, problems(config, 2), 2)
     sequences = [e.sequence for e in episodes]
     refs = ray.get(reference.sequence_logprobs.remote(sequences))
-    batch = [sample_for(e, r, 1.0) for e, r in zip(episodes, refs)]
+    batch = [y2_sample(e, r, 1.0) for e, r in zip(episodes, refs)]
     probe = sequences[:1]
     losses, before = [], group.sequence_logprobs(probe)[0]
     for version in range(1, 4):
@@ -198,7 +188,7 @@ def test_a_step_is_the_same_however_the_batch_is_cut_into_micro_batches_and_coun
     config, generator, reference, group = stack
     episodes = generate(generator, problems(config, 3), 2)  # 6 samples: up to 3 micro-batches per rank
     refs = ray.get(reference.sequence_logprobs.remote([e.sequence for e in episodes]))
-    batch = [sample_for(e, r, 1.0) for e, r in zip(episodes, refs)]
+    batch = [y2_sample(e, r, 1.0) for e, r in zip(episodes, refs)]
     longest = max(len(s.input_ids) for s in batch)
     group.save_checkpoint(str(tmp_path), "start")
     whole, cut = group.max_tokens, {1: 10**6, 2: 2 * longest, 3: longest}
@@ -233,7 +223,7 @@ def test_a_non_finite_step_is_skipped_counted_and_the_last_good_state_checkpoint
     good_weights = trainable_weights(group)
     state, limit, message = TrainerState(iteration=7), 3, None
     for _ in range(limit):
-        stats = group.train_step([sample_for(e, r, float("nan")) for e, r in zip(episodes, refs)])
+        stats = group.train_step([y2_sample(e, r, float("nan")) for e, r in zip(episodes, refs)])
         assert not stats.applied and not math.isfinite(stats.loss)
         assert trainable_weights(group) == good_weights  # byte for byte: nothing was applied
         message = account_step(state, applied=False, limit=limit)
@@ -241,7 +231,7 @@ def test_a_non_finite_step_is_skipped_counted_and_the_last_good_state_checkpoint
     assert "learner.max_skipped_steps_in_row=3" in message
     folder = save_checkpoint(tmp_path, group, state, keep=1)
     # A finite step is applied again after the skips, and moves the weights ...
-    stats = group.train_step([sample_for(e, r, 1.0) for e, r in zip(episodes, refs)])
+    stats = group.train_step([y2_sample(e, r, 1.0) for e, r in zip(episodes, refs)])
     assert stats.applied and trainable_weights(group) != good_weights
     assert account_step(state, applied=True, limit=limit) is None and state.skipped_in_row == 0
     # ... and the checkpoint written at the stop holds the last good weights.

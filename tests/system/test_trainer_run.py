@@ -87,28 +87,10 @@ def test_a_driver_killed_mid_iteration_resumes_to_the_same_metrics(uninterrupted
     """SIGKILL the driver (and its Ray) in iteration 3, right after checkpoint 2; resume; the metrics of
     every iteration equal the uninterrupted run's (same seed: sampling seeds are per problem and iteration,
     the learner's weights and Adam state come back from the checkpoint)."""
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT
+    from conftest import launch_killed_after_checkpoint
 
     reference_rows = read_rows(uninterrupted[0])
-    process = subprocess.Popen([sys.executable, "-m", "score_ray.launch", *COMMON, f"run.output_dir={tmp_path}"],
-                               cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.monotonic() + 600
-    marker = None
-    while time.monotonic() < deadline and process.poll() is None:
-        found = list(tmp_path.glob("smoke-*/checkpoints/iter-000002/COMPLETE"))
-        if found:
-            marker = found[0]
-            break
-        time.sleep(0.02)
-    assert marker is not None, "the run never wrote checkpoint 2"
-    kill_tree(process)
-    run_dir = marker.parents[2]
-    assert not (run_dir / "summary.json").exists()  # it really died before finishing
+    run_dir = launch_killed_after_checkpoint(COMMON, tmp_path, 2)
 
     resumed = run_module("score_ray.launch", *COMMON, f"run.output_dir={tmp_path}", "run.resume=true", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
