@@ -39,12 +39,12 @@ from cpu_load import cpu_seconds, machine_busy_seconds  # bench/ is on sys.path 
 def _publish_timed(worker, dtype: str) -> tuple[float, float, list, int]:
     """Inside learner rank 0 (``__ray_call__``): what publish_weights does, each step timed."""
     import ray
-    import torch
 
+    from score_ray.weight_export import on_rank0
     from score_ray.weight_pack import pack_tensors
 
     start = time.perf_counter()
-    pairs = [(name, tensor.to(getattr(torch, dtype))) for name, tensor in worker._full_parameters(set(worker.trainable))]
+    pairs = on_rank0(worker.engine.module, worker.rank, set(worker.trainable), dtype)
     header, buffer = pack_tensors(pairs)
     build = time.perf_counter() - start
     start = time.perf_counter()

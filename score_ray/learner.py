@@ -26,26 +26,9 @@ import ray
 from score_ray.actor_calls import call_ranks, gather
 from score_ray.config import AlgoConfig, LearnerConfig, ModelConfig
 from score_ray.learner_rank import LearnerRank
-from score_ray.placement import kill_actors
+from score_ray.placement import kill_actors, port_on_this_node
 from score_ray.records import ReferenceLogprobs, StepStats
 from score_ray.samples import LearnerSample, PositionTemperatures
-
-
-def port_on_this_node(configured: int, key: str) -> int:
-    """``configured`` if it is free on this node, or any free port when it is 0; a taken one is named."""
-    import socket
-
-    from score_ray.placement import free_ports
-
-    if not configured:
-        return free_ports(1)[0]
-    with socket.socket() as probe:
-        try:
-            probe.bind(("", configured))
-        except OSError as err:
-            raise RuntimeError(f"{key}={configured} is taken on learner rank 0's node "
-                               f"{ray.util.get_node_ip_address()} ({err.strerror}); pick another port or 0 (any)") from err
-    return configured
 
 
 @ray.remote

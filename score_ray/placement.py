@@ -42,6 +42,21 @@ def kill_actors(actors) -> None:
             pass
 
 
+def port_on_this_node(configured: int, key: str) -> int:
+    """``configured`` if it is free on this node, or any free port when it is 0; a taken one is named."""
+    import ray
+
+    if not configured:
+        return free_ports(1)[0]
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", configured))
+        except OSError as err:
+            raise RuntimeError(f"{key}={configured} is taken on learner rank 0's node "
+                               f"{ray.util.get_node_ip_address()} ({err.strerror}); pick another port or 0 (any)") from err
+    return configured
+
+
 def this_node() -> dict[str, Any]:
     """The Ray node this process runs on: its address, node id, host name and the collectives' environment
     (NCCL_* / GLOO_*: which interface they bind), for the run's nodes.json."""

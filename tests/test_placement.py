@@ -44,7 +44,7 @@ def test_free_ports_are_distinct_and_bindable():
 def test_a_configured_port_is_used_when_free_and_named_when_taken():
     import socket
 
-    from score_ray.learner import port_on_this_node
+    from score_ray.placement import port_on_this_node
 
     port = free_ports(1)[0]
     assert port_on_this_node(port, "learner.rendezvous_port") == port
